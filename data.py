@@ -1,0 +1,352 @@
+"""Datasets for DLLM2Rec (SPEC section 1): readers, BIGRec windowing, the time split.
+
+Every reader returns a `Dataset`: item ids 0..n_items-1 (deterministic: raw ids sorted),
+the padding id is n_items, every item has a title, and the rows are split 80/10/10 by the
+target's timestamp. A row is (history of <= 10 items, right-padded; its length; target).
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAX_HISTORY = 10
+ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
+ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"  # as published by GroupLens
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+@dataclass
+class Split:
+    hist: np.ndarray    # [N, L] int64, right-padded with the pad id (= n_items)
+    lens: np.ndarray    # [N] int64, number of real items in hist (0..L)
+    target: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+@dataclass
+class Dataset:
+    name: str
+    n_items: int
+    titles: list[str] | None  # titles[i] = title of item i
+    train: Split
+    val: Split
+    test: Split
+    domain: str = "items"     # "movies", "games", ... : words used in the teacher's prompt
+
+    @property
+    def pad(self) -> int:
+        return self.n_items
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of n_items and the split rows: stored with everything derived from them."""
+        h = hashlib.sha256(f"dllm2rec-rows/1 n_items={self.n_items}".encode())
+        for split in (self.train, self.val, self.test):
+            for a in (split.hist, split.lens, split.target):
+                h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+                h.update(b"|")
+        return h.hexdigest()[:16]
+
+    def summary(self) -> str:
+        return (f"{self.name}: {self.n_items} items, rows train/val/test = "
+                f"{len(self.train)}/{len(self.val)}/{len(self.test)}, fingerprint {self.fingerprint}")
+
+
+# ----------------------------------------------------------------------------- windowing
+def window_rows(user_items: list[list[int]], user_times: list[list[int]], n_items: int,
+                max_history: int = MAX_HISTORY, min_history: int | None = None):
+    """BIGRec windowing. Per user (items already in time order): for i in
+    range(min(max_history, n-1), n): history items[max(i-L, 0):i], target items[i].
+    min_history=L (MovieLens in BIGRec) drops users with <= L items instead.
+    Returns hist [R, L], lens [R], target [R], target time [R], in user order."""
+    hist, lens, target, times = [], [], [], []
+    for items, ts in zip(user_items, user_times):
+        n = len(items)
+        start = min(max_history, n - 1) if min_history is None else min_history
+        for i in range(max(start, 1), n):
+            h = items[max(i - max_history, 0):i]
+            hist.append(h + [n_items] * (max_history - len(h)))
+            lens.append(len(h))
+            target.append(items[i])
+            times.append(ts[i])
+    return (np.asarray(hist, np.int64).reshape(-1, max_history), np.asarray(lens, np.int64),
+            np.asarray(target, np.int64), np.asarray(times, np.int64))
+
+
+def split_by_time(hist, lens, target, times) -> tuple[Split, Split, Split]:
+    """Sort rows by the target's timestamp (stable: ties keep user order), split 80/10/10."""
+    order = np.argsort(times, kind="stable")
+    n = len(order)
+    cuts = [0, int(n * 0.8), int(n * 0.9), n]
+    return tuple(Split(hist[order[a:b]], lens[order[a:b]], target[order[a:b]])
+                 for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+def from_interactions(name: str, users, items, times, raw_titles: dict, domain: str,
+                      min_history: int | None = None, source: str = "") -> Dataset:
+    """Interactions (user, raw item, time) + {raw item: title} -> windowed, split Dataset.
+    Items without a usable title (length <= 1, as BIGRec) are dropped. Item ids are the
+    raw ids in sorted order; users are taken in sorted order; each user's items by time,
+    ties in file order."""
+    keep = [t is not None and len(t.strip()) > 1 for t in (raw_titles.get(i) for i in items)]
+    users = [u for u, k in zip(users, keep) if k]
+    items = [i for i, k in zip(items, keep) if k]
+    times = [t for t, k in zip(times, keep) if k]
+    if not items:
+        raise DataError(f"{source}: no interaction has an item with a title")
+    raw_ids = sorted(set(items))
+    item_id = {r: i for i, r in enumerate(raw_ids)}
+    by_user: dict = {}
+    for pos, (u, i, t) in enumerate(zip(users, items, times)):
+        by_user.setdefault(u, []).append((t, pos, item_id[i]))
+    seqs, seq_times = [], []
+    for u in sorted(by_user):
+        events = sorted(by_user[u])
+        seqs.append([e[2] for e in events])
+        seq_times.append([e[0] for e in events])
+    rows = window_rows(seqs, seq_times, len(raw_ids), min_history=min_history)
+    train, val, test = split_by_time(*rows)
+    titles = [raw_titles[r].strip() for r in raw_ids]
+    return Dataset(name, len(raw_ids), titles, train, val, test, domain)
+
+
+# ----------------------------------------------------------------------------- MovieLens
+def read_movielens_100k(folder: str | os.PathLike, name: str = "ml-100k") -> Dataset:
+    """GroupLens ml-100k: u.data (user item rating time, tabs) + u.item (latin-1, '|')."""
+    folder = Path(folder)
+    users, items, times = [], [], []
+    for ln, line in enumerate(_lines(folder / "u.data"), 1):
+        parts = line.split("\t")
+        if len(parts) != 4:
+            raise DataError(f"{folder / 'u.data'} line {ln}: expected 4 tab-separated fields")
+        users.append(int(parts[0])); items.append(int(parts[1])); times.append(int(parts[3]))
+    titles = {}
+    for ln, line in enumerate(_lines(folder / "u.item", "latin-1"), 1):
+        parts = line.split("|")
+        if len(parts) < 2:
+            raise DataError(f"{folder / 'u.item'} line {ln}: expected 'id|title|...'")
+        titles[int(parts[0])] = parts[1]
+    return from_interactions(name, users, items, times, titles, "movies",
+                             min_history=MAX_HISTORY, source=str(folder))
+
+
+def read_movielens_dat(folder: str | os.PathLike, name: str | None = None) -> Dataset:
+    """GroupLens ml-1m / ml-10m: ratings.dat and movies.dat, fields separated by '::'."""
+    folder = Path(folder)
+    users, items, times = [], [], []
+    for ln, line in enumerate(_lines(folder / "ratings.dat"), 1):
+        parts = line.split("::")
+        if len(parts) != 4:
+            raise DataError(f"{folder / 'ratings.dat'} line {ln}: expected user::item::rating::time")
+        users.append(int(parts[0])); items.append(int(parts[1])); times.append(int(parts[3]))
+    titles = {}
+    try:  # ml-10m is UTF-8, ml-1m latin-1
+        movie_lines = list(_lines(folder / "movies.dat"))
+    except DataError:
+        movie_lines = list(_lines(folder / "movies.dat", "latin-1"))
+    for ln, line in enumerate(movie_lines, 1):
+        parts = line.split("::")
+        if len(parts) != 3:
+            raise DataError(f"{folder / 'movies.dat'} line {ln}: expected id::title::genres")
+        titles[int(parts[0])] = parts[1]
+    return from_interactions(name or folder.name, users, items, times, titles, "movies",
+                             min_history=MAX_HISTORY, source=str(folder))
+
+
+# ----------------------------------------------------------------------------- Amazon
+def _json_records(path: Path):
+    """Amazon files: 2018 JSON lines, or 2014 'loose JSON' (Python dict literals); .gz ok."""
+    for ln, line in enumerate(_lines(path), 1):
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            try:
+                yield ast.literal_eval(line)
+            except (ValueError, SyntaxError):
+                raise DataError(f"{path} line {ln}: neither JSON nor a Python dict literal") from None
+
+
+def read_amazon(reviews: str | os.PathLike, meta: str | os.PathLike, name: str | None = None,
+                domain: str = "games") -> Dataset:
+    """Amazon review 5-core file (reviewerID, asin, unixReviewTime) + metadata (asin, title)."""
+    reviews, meta = Path(reviews), Path(meta)
+    users, items, times = [], [], []
+    for ln, rec in enumerate(_json_records(reviews), 1):
+        try:
+            users.append(rec["reviewerID"]); items.append(rec["asin"]); times.append(int(rec["unixReviewTime"]))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{reviews} record {ln}: needs reviewerID, asin, unixReviewTime") from None
+    wanted = set(items)
+    titles = {rec["asin"]: rec["title"] for rec in _json_records(meta)
+              if isinstance(rec, dict) and rec.get("asin") in wanted and isinstance(rec.get("title"), str)}
+    stem = re.sub(r"(\.json)?(\.gz)?$", "", reviews.name)
+    return from_interactions(name or stem, users, items, times, titles, domain, source=str(reviews))
+
+
+# ----------------------------------------------------------------------------- official rows
+def read_titles(path: Path) -> dict[int, str]:
+    """BIGRec's 'title<TAB>id' or LLaRA's 'id::name', one item per line."""
+    titles = {}
+    for ln, line in enumerate(_lines(path), 1):
+        if "\t" in line:
+            title, _, idx = line.rpartition("\t")
+        elif "::" in line:
+            idx, _, title = line.partition("::")
+        else:
+            raise DataError(f"{path} line {ln}: expected 'title<TAB>id' or 'id::title'")
+        try:
+            titles[int(idx)] = title
+        except ValueError:
+            raise DataError(f"{path} line {ln}: item id {idx!r} is not an integer") from None
+    return titles
+
+
+def _parse_seq(value, where: str) -> list[int]:
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise DataError(f"{where}: seq {value[:40]!r} is not a list literal") from None
+    try:
+        return [int(float(v)) for v in value]
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: seq is not a list of item ids") from None
+
+
+def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Split:
+    """One official split file (columns seq, len_seq, next). CSV, or a pandas pickle (.df)
+    only when allow_pickle (unpickling runs arbitrary code)."""
+    if path.suffix == ".df":
+        if not allow_pickle:
+            raise DataError(f"{path}: a pickled DataFrame; reading it runs code. Use the CSV, "
+                            "or pass --allow-pickle if you trust the file")
+        import pandas  # noqa: F401  (only needed to unpickle; not a dependency otherwise)
+        frame = pandas.read_pickle(path)
+        records = frame[["seq", "len_seq", "next"]].to_dict("records")
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"seq", "len_seq", "next"} <= set(reader.fieldnames or ()):
+                raise DataError(f"{path}: expected columns seq, len_seq, next; found {reader.fieldnames}")
+            records = list(reader)
+    hist, lens, target = [], [], []
+    for r, rec in enumerate(records):
+        where = f"{path} row {r + 1}"
+        seq = _parse_seq(rec["seq"], where)
+        if len(seq) != MAX_HISTORY:
+            raise DataError(f"{where}: seq has {len(seq)} ids, expected {MAX_HISTORY}")
+        nxt = int(float(rec["next"]))
+        if not all(0 <= v <= n_items for v in seq) or not 0 <= nxt < n_items:
+            raise DataError(f"{where}: item id outside 0..{n_items} (pad = {n_items})")
+        real = sum(v != n_items for v in seq)  # LLaRA rows with an empty history say len_seq=1
+        if any(v == n_items for v in seq[:real]):
+            raise DataError(f"{where}: padding inside the history; expected right padding")
+        hist.append(seq); lens.append(real); target.append(nxt)
+    return Split(np.asarray(hist, np.int64).reshape(-1, MAX_HISTORY),
+                 np.asarray(lens, np.int64), np.asarray(target, np.int64))
+
+
+def read_official(folder: str | os.PathLike, name: str | None = None, allow_pickle: bool = False,
+                  domain: str = "items") -> Dataset:
+    """The DROS/DLLM2Rec row format: {train,val,test}_data.csv (or .df behind allow_pickle)
+    plus a titles file (id2name.txt) whose ids 0..n_items-1 define the catalogue."""
+    folder = Path(folder)
+    titles_path = folder / "id2name.txt"
+    if not titles_path.exists():
+        raise DataError(f"{titles_path}: missing; every item needs a title (title<TAB>id or id::title)")
+    titles = read_titles(titles_path)
+    n_items = len(titles)
+    if sorted(titles) != list(range(n_items)):
+        raise DataError(f"{titles_path}: ids must be exactly 0..{n_items - 1}")
+    splits = []
+    for split in ("train", "val", "test"):
+        candidates = [folder / f"{split}_data.csv", folder / f"{split}_data.df",
+                      folder / f"{split.capitalize()}_data.df"]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise DataError(f"{folder}: no {split}_data.csv (or .df) found")
+        splits.append(read_rows_file(path, n_items, allow_pickle))
+    return Dataset(name or folder.name, n_items, [titles[i] for i in range(n_items)], *splits, domain=domain)
+
+
+# ----------------------------------------------------------------------------- by name / path
+def cache_dir() -> Path:
+    return Path(os.environ.get("DLLM2REC_CACHE", Path.home() / ".cache" / "dllm2rec"))
+
+
+def download_ml100k(dest: Path | None = None) -> Path:
+    """Download the GroupLens zip, verify its md5, unpack atomically; returns the folder."""
+    dest = dest or cache_dir() / "ml-100k"
+    if (dest / "u.data").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        zpath = Path(tmp) / "ml-100k.zip"
+        print(f"downloading {ML100K_URL} ...")
+        urllib.request.urlretrieve(ML100K_URL, zpath)
+        md5 = hashlib.md5(zpath.read_bytes()).hexdigest()
+        if md5 != ML100K_MD5:
+            raise DataError(f"{ML100K_URL}: md5 {md5}, expected {ML100K_MD5}; not using it")
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(Path(tmp) / "ml-100k", dest)
+    return dest
+
+
+def load_dataset(spec: str, data_dir: str | None = None, allow_pickle: bool = False) -> Dataset:
+    """'ml-100k' (local copy from data_dir or $DLLM2REC_ML100K, else downloaded), or a folder:
+    ml-100k files, ml-1m/10m .dat files, official rows + id2name.txt, or Amazon
+    reviews + meta_*.json(.gz)."""
+    if spec == "ml-100k":
+        local = data_dir or os.environ.get("DLLM2REC_ML100K")
+        return read_movielens_100k(local if local else download_ml100k())
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise DataError(f"{spec}: neither 'ml-100k' nor a folder")
+    if (folder / "u.data").exists():
+        return read_movielens_100k(folder, folder.name)
+    if (folder / "ratings.dat").exists():
+        return read_movielens_dat(folder)
+    if (folder / "id2name.txt").exists():
+        return read_official(folder, allow_pickle=allow_pickle)
+    metas = sorted(folder.glob("meta_*.json*"))
+    reviews = sorted(p for p in folder.glob("*.json*") if p not in metas)
+    if len(metas) == 1 and len(reviews) == 1:
+        return read_amazon(reviews[0], metas[0])
+    raise DataError(f"{folder}: no known layout (u.data, ratings.dat, id2name.txt + *_data.csv, "
+                    "or one reviews and one meta_*.json file)")
+
+
+def _lines(path: Path, encoding: str = "utf-8"):
+    """Non-empty lines of a text file, plain or gzipped; a missing file is a DataError."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding=encoding, newline="") as f:
+            for line in f:
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield line
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not {encoding} text ({e})") from None

@@ -1,0 +1,262 @@
+"""The four students (SPEC section 3) in plain PyTorch, with DLLM2Rec's collaborative
+embedding distillation as their input layer (SPEC section 4).
+
+A student maps a right-padded history [B, L] to a state h [B, d]; its untied output layer
+scores items. `score(h, items)` scores only the items asked for (the base loss and the
+ranking distillation need a few per row), `score_all(h)` scores the whole catalogue
+(evaluation, the student's top-K, the DRO term).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STUDENTS = ("gru4rec", "sasrec", "cl4srec", "dros")
+
+
+class ItemEmbedding(nn.Module):
+    """e_i = b_i + ed_weight * g(z_i) (SPEC section 4).
+
+    b: learnable ID embedding, the "collaborative offset"; z_i: the teacher's embedding of
+    item i's title (frozen); g: a learnable projection d_llm -> d. Without a teacher,
+    e_i = b_i; with use_offset=False (ablation "w/o offset"), e_i = g(z_i). Ids >= n_items
+    (padding = n_items, the CL4SRec mask token = n_items + 1) have no teacher embedding;
+    the padding id embeds to zero.
+    """
+
+    def __init__(self, n_items: int, dim: int, teacher_emb: torch.Tensor | None = None,
+                 ed_weight: float = 0.3, use_offset: bool = True):
+        super().__init__()
+        self.n_items = n_items
+        self.offset = nn.Embedding(n_items + 2, dim) if (use_offset or teacher_emb is None) else None
+        if self.offset is not None:
+            nn.init.normal_(self.offset.weight, std=0.01)  # small, so g(z) is not drowned out
+        if teacher_emb is not None:
+            if teacher_emb.shape[0] != n_items:
+                raise ValueError(f"teacher embeddings cover {teacher_emb.shape[0]} items, data has {n_items}")
+            z = torch.cat([teacher_emb.float(), teacher_emb.new_zeros(2, teacher_emb.shape[1]).float()])
+            self.register_buffer("z", z, persistent=False)  # [n_items + 2, d_llm]
+            self.g = nn.Linear(teacher_emb.shape[1], dim)
+        else:
+            self.z, self.g = None, None
+        self.ed_weight = ed_weight
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:  # items [...] -> [..., d]
+        e = 0
+        if self.offset is not None:
+            e = self.offset(items)                                    # b_i
+        if self.g is not None:
+            e = e + self.ed_weight * self.g(self.z[items])            # + ed_weight * g(z_i)
+        return e * (items != self.n_items).unsqueeze(-1)               # padding -> 0
+
+
+class Student(nn.Module):
+    """Shared parts: input embedding, dropout, untied output layer Linear(d, n_items)."""
+
+    def __init__(self, n_items: int, dim: int = 64, dropout: float = 0.1, max_len: int = 10,
+                 teacher_emb: torch.Tensor | None = None, ed_weight: float = 0.3, use_offset: bool = True):
+        super().__init__()
+        self.n_items, self.dim, self.max_len = n_items, dim, max_len
+        self.embed = ItemEmbedding(n_items, dim, teacher_emb, ed_weight, use_offset)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(dim, n_items)
+
+    def encode(self, hist: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, hist, lens):  # hist [B, L], lens [B] -> h [B, d]
+        return self.encode(hist, lens)
+
+    def score(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """h [B, d], items [B, m] -> scores [B, m], the same as score_all(h).gather(1, items)."""
+        return torch.einsum("bd,bmd->bm", h, self.out.weight[items]) + self.out.bias[items]
+
+    def score_all(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, n_items]
+        return self.out(h)
+
+    def extra_loss(self, hist, lens, h, target, scores_all=None) -> torch.Tensor | None:
+        """The student's own term beside the BCE base loss (CL4SRec, DROS); None for others."""
+        return None
+
+
+def last_real(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """x [B, L, d], lens [B] -> x at position lens-1 [B, d] (position 0 for empty histories)."""
+    idx = (lens - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, x.shape[-1])
+    return x.gather(1, idx).squeeze(1)
+
+
+class GRU4Rec(Student):
+    """Item embedding -> 1-layer GRU -> hidden state after the last real item."""
+
+    def __init__(self, n_items, **kw):
+        super().__init__(n_items, **kw)
+        self.gru = nn.GRU(self.dim, self.dim, batch_first=True)
+
+    def encode(self, hist, lens):
+        out, _ = self.gru(self.dropout(self.embed(hist)))  # right padding: out[len-1] saw real items only
+        return last_real(out, lens)
+
+
+class SASRec(Student):
+    """SASRec as in DROS/DLLM2Rec: 1 block, 1 head, learned positions, causal and
+    padding-masked attention, point-wise feed-forward, LayerNorms."""
+
+    def __init__(self, n_items, **kw):
+        super().__init__(n_items, **kw)
+        d = self.dim
+        self.pos = nn.Embedding(self.max_len, d)
+        self.ln_attn, self.ln_ff, self.ln_out = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(kw.get("dropout", 0.1)), nn.Linear(d, d))
+        self.attn_dropout = kw.get("dropout", 0.1)
+
+    def encode(self, hist, lens):
+        B, L = hist.shape
+        real = (hist != self.n_items).unsqueeze(-1)                       # [B, L, 1]
+        x = self.embed(hist) + self.pos.weight[:L]                         # [B, L, d]
+        x = self.dropout(x) * real
+        # query i sees keys j <= i that are real items; itself always (no empty softmax row)
+        causal = torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()
+        mask = causal & (real.transpose(1, 2) | torch.eye(L, dtype=torch.bool, device=hist.device))
+        y = self.ln_attn(x)
+        a = F.scaled_dot_product_attention(self.q(y), self.k(x), self.v(x), attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + a                                                          # [B, L, d]
+        x = x + self.ff(self.ln_ff(x))
+        x = self.ln_out(x * real)
+        return last_real(x, lens)
+
+
+# ----------------------------------------------------------------------------- CL4SRec
+def augment_crop(hist, lens, pad: int, eta: float = 0.6):
+    """A random contiguous crop of floor(eta * len) items (at least 1), right-padded."""
+    B, L = hist.shape
+    keep = (eta * lens).floor().long().clamp(min=1).minimum(lens.clamp(min=1))
+    start = (torch.rand(B, device=hist.device) * (lens - keep + 1).clamp(min=1)).long()
+    pos = torch.arange(L, device=hist.device)
+    src = (start.unsqueeze(1) + pos).clamp(max=L - 1)
+    out = hist.gather(1, src)
+    return torch.where(pos < keep.unsqueeze(1), out, torch.full_like(out, pad)), torch.where(lens > 0, keep, lens)
+
+
+def augment_mask(hist, lens, mask_id: int, gamma: float = 0.3):
+    """Replace floor(gamma * len) randomly chosen real items by the mask token."""
+    B, L = hist.shape
+    pos = torch.arange(L, device=hist.device)
+    real = pos < lens.unsqueeze(1)
+    noise = torch.rand(B, L, device=hist.device).masked_fill(~real, 2.0)
+    rank = noise.argsort(1).argsort(1)                      # rank of each position's noise
+    hit = rank < (gamma * lens).floor().long().unsqueeze(1)
+    return torch.where(hit, torch.full_like(hist, mask_id), hist), lens
+
+
+def augment_reorder(hist, lens, beta: float = 0.6):
+    """Shuffle a random contiguous span of floor(beta * len) items."""
+    B, L = hist.shape
+    span = (beta * lens).floor().long()
+    start = (torch.rand(B, device=hist.device) * (lens - span + 1).clamp(min=1)).long()
+    pos = torch.arange(L, device=hist.device).expand(B, L).float()
+    inside = (pos >= start.unsqueeze(1)) & (pos < (start + span).unsqueeze(1))
+    # keys: outside the span its own position; inside a random point of [start, start+span)
+    keys = torch.where(inside, start.unsqueeze(1) + torch.rand(B, L, device=hist.device) * span.unsqueeze(1).clamp(min=1) * 0.999, pos)
+    return hist.gather(1, keys.argsort(1)), lens
+
+
+def augment_pair(hist, lens, pad: int, mask_id: int):
+    """Two views per row, made by two distinct methods out of crop, mask, reorder.
+    Returns new tensors; the inputs are never modified."""
+    views = [augment_crop(hist, lens, pad), augment_mask(hist, lens, mask_id), augment_reorder(hist, lens)]
+    B = hist.shape[0]
+    first = torch.randint(0, 3, (B,), device=hist.device)
+    second = (first + torch.randint(1, 3, (B,), device=hist.device)) % 3   # != first
+    out = []
+    for choice in (first, second):
+        h = torch.stack([v[0] for v in views])[choice, torch.arange(B, device=hist.device)]
+        n = torch.stack([v[1] for v in views])[choice, torch.arange(B, device=hist.device)]
+        out.append((h, n))
+    return out
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """InfoNCE over 2N views: view i's positive is its twin, the other 2N-2 are negatives."""
+    z = torch.cat([z1, z2])                                   # [2N, d]
+    sim = z @ z.T / tau                                       # [2N, 2N]
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    n = len(z1)
+    twin = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, twin)
+
+
+class CL4SRec(SASRec):
+    """SASRec + cl_weight * InfoNCE between two augmented views of each history."""
+
+    def __init__(self, n_items, cl_weight: float = 0.1, tau: float = 1.0, **kw):
+        super().__init__(n_items, **kw)
+        self.cl_weight, self.tau = cl_weight, tau
+
+    def extra_loss(self, hist, lens, h, target, scores_all=None):
+        (h1, l1), (h2, l2) = augment_pair(hist, lens, self.n_items, self.n_items + 1)
+        return self.cl_weight * info_nce(self.encode(h1, l1), self.encode(h2, l2), self.tau)
+
+
+# ----------------------------------------------------------------------------- DROS
+def dro_log_normaliser(scores: torch.Tensor, ps: torch.Tensor, beta: float = 1.0):
+    """Per row s, the parts of sum_j exp(a_sj), a_sj = ps_j * y_sj^2 / beta, computed once per
+    row so that L_DRO(s, t) for any target t costs only gathers.
+    scores [B, n], ps [n] -> (a [B, n], M [B] = max_j a, top [B] = argmax, R [B] = sum over
+    j != top of exp(a_j - M))."""
+    a = ps * scores.square() / beta
+    M, top = a.max(dim=1)
+    R = torch.exp(a - M.unsqueeze(1)).scatter(1, top.unsqueeze(1), 0.0).sum(1)  # top term left out
+    return a, M, top, R
+
+
+def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float = 1.0,
+             parts=None) -> torch.Tensor:
+    """L_DRO(s, t) = log sum_j exp(ps_j (y_sj - 1[j = t])^2 / beta) for each row s and each
+    target column. scores [B, n], targets [B, m] -> [B, m].
+    Stable: sum_j = exp(M) * (rest + exp(b_t - M)), where the sum over j != t is
+    exp(M) * R if t is the row's argmax, else exp(M) * (1 + R - exp(a_t - M)) (>= exp(M))."""
+    a, M, top, R = parts if parts is not None else dro_log_normaliser(scores, ps, beta)
+    a_t = a.gather(1, targets)                                                  # [B, m]
+    b_t = ps[targets] * (scores.gather(1, targets) - 1.0).square() / beta      # [B, m]
+    Mx, Rx = M.unsqueeze(1), R.unsqueeze(1)
+    tiny = torch.finfo(scores.dtype).tiny
+    rest = torch.where(targets == top.unsqueeze(1), Rx.clamp(min=tiny), 1.0 + Rx - torch.exp(a_t - Mx))
+    return torch.logaddexp(Mx + torch.log(rest.clamp(min=tiny)), b_t)
+
+
+def dro_ps(target_counts: torch.Tensor) -> torch.Tensor:
+    """ps_j = ((c_j + 1) / sum_k (c_k + 1)) ** 0.05, c_j = times item j is a training target."""
+    c = target_counts.double() + 1
+    return (c / c.sum()).pow(0.05).float()
+
+
+class DROS(SASRec):
+    """SASRec + alpha * mean_s L_DRO(s) with the row's target (DROS, SIGIR 2023)."""
+
+    def __init__(self, n_items, target_counts: torch.Tensor | None = None, alpha: float = 0.5,
+                 beta: float = 1.0, **kw):
+        super().__init__(n_items, **kw)
+        counts = target_counts if target_counts is not None else torch.zeros(n_items)
+        self.register_buffer("ps", dro_ps(counts))
+        self.alpha, self.beta = alpha, beta
+        self.dro_parts = None  # set by extra_loss for reuse by the ranking distillation
+
+    def extra_loss(self, hist, lens, h, target, scores_all=None):
+        scores_all = self.score_all(h) if scores_all is None else scores_all
+        self.dro_parts = dro_log_normaliser(scores_all, self.ps, self.beta)
+        return self.alpha * dro_loss(scores_all, target.unsqueeze(1), self.ps, self.beta, self.dro_parts).mean()
+
+
+def make_student(name: str, n_items: int, target_counts=None, alpha: float = 0.5, **kw) -> Student:
+    """kw: dim, dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
+    if name == "dros":
+        return DROS(n_items, target_counts=target_counts, alpha=alpha, **kw)
+    cls = {"gru4rec": GRU4Rec, "sasrec": SASRec, "cl4srec": CL4SRec}.get(name)
+    if cls is None:
+        raise ValueError(f"unknown student {name!r}; choose from {', '.join(STUDENTS)}")
+    return cls(n_items, **kw)
