@@ -33,9 +33,9 @@ ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_rank", "no_embed", "no_offset")
 
 
 # ============================================================================ the paper's terms
-def position_weight(K: int, device=None) -> torch.Tensor:
+def position_weight(K: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """w_p[r] = exp(-r / 1) / sum_{r'=1..K} exp(-r' / 1), r = 1..K -> [K]."""
-    return torch.softmax(-torch.arange(1, K + 1, dtype=torch.float32, device=device), dim=0)
+    return torch.softmax(-torch.arange(1, K + 1, dtype=dtype, device=device), dim=0)
 
 
 def confidence_weight(dist: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def distill(s_cand: torch.Tensor, s_neg: torch.Tensor, dist: torch.Tensor, cand:
     covered [B] bool: rows the teacher ran on (others contribute nothing).
     The collaborative embedding term lives in the student's input: students.ItemEmbedding."""
     K = cand.shape[1]
-    w = importance_weight(position_weight(K, cand.device), confidence_weight(dist),
+    w = importance_weight(position_weight(K, cand.device, dist.dtype), confidence_weight(dist),
                           consistency_weight(cand, student_topk), gammas)          # [B, K]
     per_cand = F.softplus(-s_cand) + F.softplus(s_neg).unsqueeze(1)              # [B, K]
     if dro_cand is not None:
@@ -227,7 +227,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print) ->
         raise ValueError("distillation needs a teacher (--teacher)")
     item_emb = torch.as_tensor(teacher.item_emb) if use_teacher else None
     model = build_student(cfg, ds.n_items, train[2], item_emb).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     t_ids = t_dist = covered = None
     if use_teacher and cfg.rank_on:
         t_ids, t_dist, covered = teacher_tensors(teacher, len(ds.train), cfg.K, device)
@@ -396,7 +396,7 @@ def cmd_bench(args) -> None:
         for distill_on in (False, True):
             cfg = Config(student=student, distill=distill_on)
             model = build_student(cfg, args.items, target, emb if distill_on else None).to(device)
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
             loss_fn = torch.compile(training_loss) if args.compile else training_loss
             g = torch.Generator(device="cpu").manual_seed(1)
             times = []

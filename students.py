@@ -102,7 +102,12 @@ class GRU4Rec(Student):
 
 class SASRec(Student):
     """SASRec as in DROS/DLLM2Rec: 1 block, 1 head, learned positions, causal and
-    padding-masked attention, point-wise feed-forward, LayerNorms."""
+    padding-masked attention, point-wise feed-forward, LayerNorms.
+
+    Only the hidden state at the last real position is used, and with one block it depends
+    on the other positions through keys and values only; so the query, the feed-forward and
+    the last LayerNorm are computed at that position alone (`encode_all_positions` is the
+    textbook every-position version; the tests check that both agree)."""
 
     def __init__(self, n_items, **kw):
         super().__init__(n_items, **kw)
@@ -113,21 +118,35 @@ class SASRec(Student):
         self.ff = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(kw.get("dropout", 0.1)), nn.Linear(d, d))
         self.attn_dropout = kw.get("dropout", 0.1)
 
-    def encode(self, hist, lens):
-        B, L = hist.shape
-        real = (hist != self.n_items).unsqueeze(-1)                       # [B, L, 1]
-        x = self.embed(hist) + self.pos.weight[:L]                         # [B, L, d]
-        x = self.dropout(x) * real
-        # query i sees keys j <= i that are real items; itself always (no empty softmax row)
-        causal = torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()
-        mask = causal & (real.transpose(1, 2) | torch.eye(L, dtype=torch.bool, device=hist.device))
-        y = self.ln_attn(x)
-        a = F.scaled_dot_product_attention(self.q(y), self.k(x), self.v(x), attn_mask=mask,
+    def inputs(self, hist):
+        """Item + position embeddings, dropout, padding zeroed: [B, L] -> [B, L, d], real [B, L]."""
+        real = hist != self.n_items
+        x = self.embed(hist) + self.pos.weight[:hist.shape[1]]
+        return self.dropout(x) * real.unsqueeze(-1), real
+
+    def block(self, x_q, x, mask):
+        """One block for the queries x_q [B, Q, d] over keys/values x [B, L, d], mask [B, Q, L]."""
+        a = F.scaled_dot_product_attention(self.q(self.ln_attn(x_q)), self.k(x), self.v(x), attn_mask=mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        x = x + a                                                          # [B, L, d]
-        x = x + self.ff(self.ln_ff(x))
-        x = self.ln_out(x * real)
-        return last_real(x, lens)
+        y = x_q + a
+        return self.ln_out(y + self.ff(self.ln_ff(y)))
+
+    def encode(self, hist, lens):
+        x, real = self.inputs(hist)
+        x_last = last_real(x, lens).unsqueeze(1)                                  # [B, 1, d]
+        # the last real position sees every real item (right padding: positions < len);
+        # an empty history sees its own (zero) position, so no softmax row is empty
+        L = hist.shape[1]
+        mask = torch.arange(L, device=hist.device) < lens.clamp(min=1).unsqueeze(1)  # [B, L]
+        return self.block(x_last, x, mask.unsqueeze(1)).squeeze(1)                # [B, d]
+
+    def encode_all_positions(self, hist, lens):
+        """The same block run at every position with a causal, padding-masked attention."""
+        x, real = self.inputs(hist)
+        L = hist.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()
+        mask = causal & (real.unsqueeze(1) | torch.eye(L, dtype=torch.bool, device=hist.device))
+        return last_real(self.block(x, x, mask), lens)
 
 
 # ----------------------------------------------------------------------------- CL4SRec
@@ -203,30 +222,49 @@ class CL4SRec(SASRec):
 
 
 # ----------------------------------------------------------------------------- DROS
-def dro_log_normaliser(scores: torch.Tensor, ps: torch.Tensor, beta: float = 1.0):
-    """Per row s, the parts of sum_j exp(a_sj), a_sj = ps_j * y_sj^2 / beta, computed once per
-    row so that L_DRO(s, t) for any target t costs only gathers.
-    scores [B, n], ps [n] -> (a [B, n], M [B] = max_j a, top [B] = argmax, R [B] = sum over
-    j != top of exp(a_j - M))."""
-    a = ps * scores.square() / beta
-    M, top = a.max(dim=1)
-    R = torch.exp(a - M.unsqueeze(1)).scatter(1, top.unsqueeze(1), 0.0).sum(1)  # top term left out
-    return a, M, top, R
+class DroNormaliser(torch.autograd.Function):
+    """The part of L_DRO shared by every target of a row, in a few passes over [B, n].
+
+    With a_sj = c_j y_sj^2 (c = ps / beta): M [B] = max_j a_sj, top [B] = its argmax and
+    R [B] = sum_{j != top} exp(a_sj - M). Backward, with E_j = exp(a_j - M) and
+    a'_j = 2 c_j y_j: dR/dy_j = E_j a'_j for j != top, dR/dy_top = -R a'_top,
+    dM/dy_top = a'_top, and dM/dy_j = 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, y, c):                          # y [B, n], c [n]
+        E = y.square().mul_(c)                       # a
+        M, top = E.max(dim=1)
+        E.sub_(M.unsqueeze(1)).exp_()                # exp(a - M), 1 at top
+        E.scatter_(1, top.unsqueeze(1), 0.0)         # leave the top term out of R
+        R = E.sum(dim=1)
+        ctx.save_for_backward(y, c, E, top, R)
+        ctx.mark_non_differentiable(top)
+        return M, top, R
+
+    @staticmethod
+    def backward(ctx, g_M, _g_top, g_R):
+        y, c, E, top, R = ctx.saved_tensors
+        g_y = (E * g_R.unsqueeze(1)).mul_(y).mul_(2 * c)              # E_j a'_j g_R, 0 at top
+        col = top.unsqueeze(1)
+        a_top = 2 * c[top] * y.gather(1, col).squeeze(1)             # a'_top [B]
+        g_y.scatter_(1, col, ((g_M - g_R * R) * a_top).unsqueeze(1))
+        return g_y, None
 
 
 def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float = 1.0,
              parts=None) -> torch.Tensor:
     """L_DRO(s, t) = log sum_j exp(ps_j (y_sj - 1[j = t])^2 / beta) for each row s and each
-    target column. scores [B, n], targets [B, m] -> [B, m].
-    Stable: sum_j = exp(M) * (rest + exp(b_t - M)), where the sum over j != t is
-    exp(M) * R if t is the row's argmax, else exp(M) * (1 + R - exp(a_t - M)) (>= exp(M))."""
-    a, M, top, R = parts if parts is not None else dro_log_normaliser(scores, ps, beta)
-    a_t = a.gather(1, targets)                                                  # [B, m]
-    b_t = ps[targets] * (scores.gather(1, targets) - 1.0).square() / beta      # [B, m]
+    target column. scores [B, n], targets [B, m] -> [B, m]. parts: DroNormaliser's output
+    for these scores, computed once per row and shared by all targets.
+    Stable: sum_j = exp(M) * rest_t + exp(b_t), where rest_t, the sum over j != t divided by
+    exp(M), is R if t is the row's argmax, else 1 + R - exp(a_t - M) (>= 1, no cancellation)."""
+    c = ps / beta
+    M, top, R = parts if parts is not None else DroNormaliser.apply(scores, c)
+    y_t, c_t = scores.gather(1, targets), c[targets]                            # [B, m]
+    a_t, b_t = c_t * y_t.square(), c_t * (y_t - 1.0).square()                   # [B, m]
     Mx, Rx = M.unsqueeze(1), R.unsqueeze(1)
-    tiny = torch.finfo(scores.dtype).tiny
-    rest = torch.where(targets == top.unsqueeze(1), Rx.clamp(min=tiny), 1.0 + Rx - torch.exp(a_t - Mx))
-    return torch.logaddexp(Mx + torch.log(rest.clamp(min=tiny)), b_t)
+    rest = torch.where(targets == top.unsqueeze(1), Rx, 1.0 + Rx - torch.exp(a_t - Mx))
+    return torch.logaddexp(Mx + torch.log(rest.clamp(min=torch.finfo(scores.dtype).tiny)), b_t)
 
 
 def dro_ps(target_counts: torch.Tensor) -> torch.Tensor:
@@ -248,7 +286,7 @@ class DROS(SASRec):
 
     def extra_loss(self, hist, lens, h, target, scores_all=None):
         scores_all = self.score_all(h) if scores_all is None else scores_all
-        self.dro_parts = dro_log_normaliser(scores_all, self.ps, self.beta)
+        self.dro_parts = DroNormaliser.apply(scores_all, self.ps / self.beta)
         return self.alpha * dro_loss(scores_all, target.unsqueeze(1), self.ps, self.beta, self.dro_parts).mean()
 
 

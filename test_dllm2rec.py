@@ -1,0 +1,503 @@
+"""Oracle tests: fast code against slow versions written from SPEC.md, metrics against hand
+ranks, readers against hand-made fixtures, and an end-to-end run on MovieLens-100K.
+CPU only, no network. ML-100K comes from $DLLM2REC_ML100K (default ../shared/datasets/ml-100k)."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import dllm2rec as D
+import students as S
+import teacher as T
+
+ROOT = Path(__file__).resolve().parent
+ML100K = Path(os.environ.get("DLLM2REC_ML100K", ROOT.parent / "shared" / "datasets" / "ml-100k"))
+
+
+def tiny_dataset(n_items=40, rows=(300, 40, 40), seed=0) -> data.Dataset:
+    g = np.random.default_rng(seed)
+    splits = []
+    for n in rows:
+        lens = g.integers(1, 11, n)
+        hist = np.where(np.arange(10) < lens[:, None], g.integers(0, n_items, (n, 10)), n_items)
+        splits.append(data.Split(hist, lens, g.integers(0, n_items, n)))
+    return data.Dataset("tiny", n_items, [f"item {i}" for i in range(n_items)], *splits)
+
+
+def random_teacher(ds, n=12, d_llm=24, seed=0, rows=None) -> T.TeacherOutputs:
+    g = np.random.default_rng(seed)
+    rows = np.arange(len(ds.train)) if rows is None else rows
+    ids = np.stack([g.permutation(ds.n_items)[:n] for _ in rows])
+    dist = np.sort(20 + g.random((len(rows), n)), axis=1).astype(np.float32)
+    emb = g.normal(size=(ds.n_items, d_llm)).astype(np.float32)
+    return T.TeacherOutputs(emb, {"train": T.TopN(rows, ids, dist)}, source="random")
+
+
+# ============================================================================ distill vs SPEC
+def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, alpha=0.5, covered=None):
+    """SPEC section 4, one row and one candidate at a time."""
+    B, K = cand.shape
+    g_p, g_c, g_o = gammas
+    Z = sum(math.exp(-r) for r in range(1, K + 1))
+    rows = [b for b in range(B) if covered is None or covered[b]]
+    total = 0.0
+    for r in range(K):
+        terms = []
+        for b in rows:
+            w_p = math.exp(-(r + 1)) / Z
+            w_c = math.exp(-dist[b, r]) / sum(math.exp(-dist[b, q]) for q in range(K))
+            w_o_all = [1.0 if int(cand[b, q]) in set(topk[b].tolist()) else 0.0 for q in range(K)]
+            raw = [g_p * math.exp(-(q + 1)) / Z + g_c * math.exp(-dist[b, q]) / sum(math.exp(-dist[b, k]) for k in range(K))
+                   + g_o * w_o_all[q] for q in range(K)]
+            w = (g_p * w_p + g_c * w_c + g_o * w_o_all[r]) / sum(raw)
+            sig = lambda x: 1 / (1 + math.exp(-x))
+            term = -math.log(sig(s_cand[b, r])) - math.log(1 - sig(s_neg[b]))
+            if dro_cand is not None:
+                term += alpha * dro_cand[b, r]
+            terms.append(w * term)
+        total += sum(terms) / max(len(terms), 1)
+    return lam * total
+
+
+@pytest.mark.parametrize("with_dro,with_cover,gammas", [(False, False, (0.3, 0.5, 0.1)), (True, True, (0.3, 0.5, 0.1)),
+                                                        (False, True, (0.0, 0.5, 0.1)), (True, False, (0.3, 0.0, 0.0))])
+def test_distill_equals_slow_loop(with_dro, with_cover, gammas):
+    g = torch.Generator().manual_seed(1)
+    B, K, n = 7, 10, 30
+    cand = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
+    topk = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
+    topk[0] = cand[0]                      # full agreement in one row, some in others
+    s_cand, s_neg = torch.randn(B, K, generator=g, dtype=torch.float64) * 3, torch.randn(B, generator=g, dtype=torch.float64)
+    dist = 20 + 5 * torch.rand(B, K, generator=g, dtype=torch.float64)   # raw LLaMA-like distances
+    dro = torch.rand(B, K, generator=g, dtype=torch.float64) * 4 if with_dro else None
+    cover = torch.tensor([True, False, True, True, False, True, True]) if with_cover else None
+    fast = D.distill(s_cand, s_neg, dist, cand, topk, 0.7, gammas, dro, 0.5, cover)
+    slow = slow_distill(s_cand.numpy(), s_neg.numpy(), dist.numpy(), cand, topk, 0.7, gammas,
+                        None if dro is None else dro.numpy(), 0.5, cover)
+    assert fast.item() == pytest.approx(slow, rel=1e-9)
+
+
+def test_weights_from_spec():
+    K = 10
+    w_p = D.position_weight(K)
+    assert w_p.sum().item() == pytest.approx(1)
+    assert w_p[0] / w_p[1] == pytest.approx(math.e, rel=1e-5)
+    dist = torch.tensor([[20.0, 21.0, 40.0]])               # exp(-20) alone would underflow in float32
+    w_c = D.confidence_weight(dist)
+    assert torch.isfinite(w_c).all() and w_c[0, 0] / w_c[0, 1] == pytest.approx(math.e, rel=1e-5)
+    w_o = D.consistency_weight(torch.tensor([[3, 5, 7]]), torch.tensor([[7, 1, 3]]))
+    assert w_o.tolist() == [[1.0, 0.0, 1.0]]
+
+
+# ============================================================================ DRO
+def direct_dro(y, targets, ps, beta=1.0):
+    out = torch.empty(targets.shape, dtype=y.dtype)
+    for s in range(y.shape[0]):
+        for k in range(targets.shape[1]):
+            one = torch.zeros(y.shape[1], dtype=y.dtype)
+            one[targets[s, k]] = 1
+            out[s, k] = torch.logsumexp(ps * (y[s] - one) ** 2 / beta, 0)
+    return out
+
+
+def test_dro_loss_and_gradient_equal_direct_formula():
+    torch.manual_seed(0)
+    B, n = 5, 40
+    y = (torch.randn(B, n, dtype=torch.float64) * 3).requires_grad_()
+    ps = S.dro_ps(torch.randint(0, 9, (n,))).double()
+    targets = torch.randint(0, n, (B, 4))
+    targets[0, 0] = (ps * y[0].detach() ** 2).argmax()        # a target that is the row's argmax
+    fast, slow = S.dro_loss(y, targets, ps, 2.0), direct_dro(y, targets, ps, 2.0)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    w = torch.randn(B, 4, dtype=torch.float64)
+    g_fast, = torch.autograd.grad((fast * w).sum(), y)
+    g_slow, = torch.autograd.grad((slow * w).sum(), y)
+    assert torch.allclose(g_fast, g_slow, atol=1e-10)
+
+
+def test_dro_loss_stable_for_large_scores_in_float32():
+    torch.manual_seed(1)
+    y = torch.randn(3, 50, dtype=torch.float64) * 2
+    y[:, 7] = 40.0                                           # exp(ps * 1600) overflows
+    ps = torch.full((50,), 0.6, dtype=torch.float64)
+    targets = torch.tensor([[7, 1], [2, 7], [7, 7]])
+    fast = S.dro_loss(y.float(), targets, ps.float())
+    assert torch.isfinite(fast).all()
+    assert torch.allclose(fast.double(), direct_dro(y, targets, ps), rtol=1e-5)
+
+
+def test_dro_ps():
+    ps = S.dro_ps(torch.tensor([0, 1, 2]))
+    assert torch.allclose(ps, torch.tensor([1 / 6, 2 / 6, 3 / 6]) ** 0.05)
+
+
+# ============================================================================ students
+def padded_batch(n_items, B=32, seed=0, min_len=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, 11, (B,), generator=g)
+    hist = torch.randint(0, n_items, (B, 10), generator=g)
+    return torch.where(torch.arange(10) < lens[:, None], hist, n_items), lens
+
+
+def test_sasrec_last_position_equals_every_position_version():
+    torch.manual_seed(0)
+    for cls in (S.SASRec, S.CL4SRec, S.DROS):
+        m = cls(50, teacher_emb=torch.randn(50, 16)).eval()
+        hist, lens = padded_batch(50)
+        assert torch.allclose(m(hist, lens), m.encode_all_positions(hist, lens), atol=1e-5)
+
+
+def test_gru4rec_ignores_padding_and_items_after_the_last():
+    torch.manual_seed(0)
+    m = S.GRU4Rec(50).eval()
+    hist, lens = padded_batch(50, min_len=1)
+    other = hist.clone()
+    other[torch.arange(10) >= lens[:, None]] = 3             # garbage instead of padding
+    alone = torch.stack([m(hist[i:i + 1, :lens[i]], lens[i:i + 1])[0] for i in range(len(lens))])
+    assert torch.allclose(m(hist, lens), alone, atol=1e-5)
+    assert torch.allclose(m(other, lens), alone, atol=1e-5)
+
+
+def test_score_equals_full_scores_gathered():
+    m = S.SASRec(50)
+    h = torch.randn(6, 64)
+    items = torch.randint(0, 50, (6, 3))
+    assert torch.allclose(m.score(h, items), m.score_all(h).gather(1, items), atol=1e-5)
+
+
+def test_item_embedding_is_offset_plus_projected_teacher():
+    z = torch.randn(20, 12)
+    e = S.ItemEmbedding(20, 8, z, ed_weight=0.3)
+    items = torch.tensor([[0, 5, 20]])                       # 20 = padding
+    out = e(items)
+    want = e.offset.weight[[0, 5]] + 0.3 * (z[[0, 5]] @ e.g.weight.T + e.g.bias)
+    assert torch.allclose(out[0, :2], want, atol=1e-6)
+    assert (out[0, 2] == 0).all()
+    no_off = S.ItemEmbedding(20, 8, z, ed_weight=0.3, use_offset=False)
+    assert no_off.offset is None
+    assert torch.allclose(no_off(items)[0, 1], 0.3 * no_off.g(z[5]), atol=1e-6)
+
+
+# ============================================================================ CL4SRec
+def test_augmentations_copy_and_keep_their_promises():
+    n, pad, mask_id = 50, 50, 51
+    hist, lens = padded_batch(n, B=200, seed=3)
+    before = (hist.clone(), lens.clone())
+    crop, c_len = S.augment_crop(hist, lens, pad)
+    masked, _ = S.augment_mask(hist, lens, mask_id)
+    reord, _ = S.augment_reorder(hist, lens)
+    views = S.augment_pair(hist, lens, pad, mask_id)
+    assert torch.equal(hist, before[0]) and torch.equal(lens, before[1])   # inputs untouched
+    for i in range(len(lens)):
+        L, real = int(lens[i]), hist[i, :int(lens[i])].tolist()
+        k = int(c_len[i])
+        assert k == (max(1, math.floor(0.6 * L)) if L else 0)
+        window = crop[i, :k].tolist()
+        assert any(real[s:s + k] == window for s in range(L - k + 1)) and (crop[i, k:] == pad).all()
+        assert int((masked[i] == mask_id).sum()) == math.floor(0.3 * L)
+        assert all(masked[i, j] in (mask_id, hist[i, j]) for j in range(10))
+        assert sorted(reord[i, :L].tolist()) == sorted(real) and (reord[i, L:] == pad).all()
+        changed = [j for j in range(L) if reord[i, j] != hist[i, j]]
+        assert not changed or max(changed) - min(changed) < math.floor(0.6 * L)
+    for v, l in views:
+        assert v.shape == hist.shape and v.data_ptr() != hist.data_ptr()
+
+
+def test_info_nce_equals_slow_formula():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    z = torch.cat([z1, z2])
+    losses = []
+    for i in range(8):
+        j = (i + 4) % 8
+        others = [k for k in range(8) if k != i]
+        losses.append(-(z[i] @ z[j]) + torch.logsumexp(torch.stack([z[i] @ z[k] for k in others]), 0))
+    assert S.info_nce(z1, z2, 1.0).item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-10)
+
+
+# ============================================================================ evaluation
+class FixedScores(S.Student):
+    """A 'model' that returns given score rows, to check the metrics."""
+
+    def __init__(self, scores):
+        super().__init__(scores.shape[1])
+        self.table = scores
+
+    def encode(self, hist, lens):
+        return hist[:, 0].float()
+
+    def score_all(self, h):
+        return self.table[h.long()]
+
+
+def test_metrics_equal_hand_computed_ranks():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.2, 0.0],    # target 2: rank 1 (0-based)
+                           [0.5, 0.5, 0.5, 0.1, 0.0, 0.2],    # target 0, tied with two: rank 2
+                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # target 0: rank 0
+                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])   # target 5: rank 5
+    hist = torch.tensor([[0] + [6] * 9, [1] + [6] * 9, [2] + [6] * 9, [3] + [6] * 9])
+    ranks = D.target_ranks(FixedScores(scores), hist, torch.ones(4, dtype=torch.long), torch.tensor([2, 0, 0, 5]), batch_size=3)
+    assert ranks.tolist() == [1, 2, 0, 5]
+    m = D.metrics_from_ranks(ranks, ks=(1, 3, 5))
+    assert m["HR@1"] == 0.25 and m["HR@3"] == 0.75 and m["HR@5"] == 0.75
+    assert m["NDCG@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1) / 4)
+    assert D.metrics_from_ranks(torch.tensor([0, 19, 20]))["NDCG@20"] == pytest.approx((1 + 1 / math.log2(21)) / 3)
+
+
+def test_negatives_avoid_history_and_target():
+    hist = torch.tensor([[0, 1, 2, 5, 5], [3, 5, 5, 5, 5]])
+    target = torch.tensor([3, 4])
+    for _ in range(50):
+        neg = D.sample_negatives(hist, target, 5)
+        assert neg[0] == 4 and neg[1] in (0, 1, 2)
+
+
+# ============================================================================ data
+def test_windowing_and_split_on_hand_made_rows():
+    seqs = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    times = [[1, 2, 3], list(range(10, 23))]
+    hist, lens, target, t = data.window_rows(seqs, times, n_items=20)
+    assert target.tolist() == [3, 14, 15, 16]            # <= 11 items: one row; else from i = 10
+    assert hist[0].tolist() == [1, 2] + [20] * 8 and lens[0] == 2
+    assert hist[1].tolist() == list(range(4, 14)) and hist[3].tolist() == list(range(6, 16))
+    h, l, tg, tm = data.window_rows([list(range(12))], [list(range(12))], 20, min_history=10)
+    assert tg.tolist() == [10, 11]
+    n = 20
+    tr, va, te = data.split_by_time(np.arange(n)[:, None], np.ones(n, int), np.arange(n), np.arange(n)[::-1].copy())
+    assert tr.target.tolist() == list(range(19, 3, -1)) and va.target.tolist() == [3, 2] and te.target.tolist() == [1, 0]
+
+
+def test_movielens_100k_reader(tmp_path):
+    (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t5\t{t}\n" for u in (2, 1) for t, i in enumerate(range(1, 13), 100 * u)))
+    (tmp_path / "u.item").write_bytes("".join(f"{i}|Mis\xe9rables {i}|x\n" for i in range(1, 14)).encode("latin-1"))
+    ds = data.read_movielens_100k(tmp_path)
+    assert ds.n_items == 12 and ds.titles[0] == "Misérables 1"
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 4   # 2 users x (12 - 10) rows
+    assert ds.train.hist[0].tolist() == list(range(10))
+
+
+def test_movielens_dat_reader(tmp_path):
+    (tmp_path / "ratings.dat").write_text("".join(f"1::{i}::4::{i}\n" for i in (30, 10, 20) * 4))
+    (tmp_path / "movies.dat").write_bytes("10::A (1990)::Drama\n20::B\xe9 (1991)::Comedy\n30::C::X\n".encode("latin-1"))
+    ds = data.read_movielens_dat(tmp_path)
+    assert ds.titles == ["A (1990)", "Bé (1991)"] and ds.n_items == 2   # "C": too short, dropped (BIGRec)
+
+
+@pytest.mark.parametrize("year", [2014, 2018])
+def test_amazon_reader(tmp_path, year):
+    reviews = [{"reviewerID": u, "asin": a, "unixReviewTime": t, "overall": 5.0}
+               for u in ("U1", "U2") for t, a in enumerate(["B3", "B1", "B2", "B9", "B1"])]
+    metas = [{"asin": "B1", "title": "Game One"}, {"asin": "B2", "title": "Game Two", "price": 3},
+             {"asin": "B3", "title": "Three"}, {"asin": "B9", "title": "x"}]     # title too short: dropped
+    dump = (lambda r: repr(r)) if year == 2014 else json.dumps                     # 2014 meta: dict literals
+    with gzip.open(tmp_path / "reviews_Games_5.json.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in reviews))
+    (tmp_path / "meta_Games.json").write_text("".join(dump(m) + "\n" for m in metas))
+    ds = data.load_dataset(str(tmp_path))
+    assert ds.titles == ["Game One", "Game Two", "Three"]
+    assert ds.n_items == 3
+    # per user: B3 B1 B2 (B9 dropped) B1 -> one row, history [2, 0, 1], target 0
+    rows = np.concatenate([s.hist[:, :4] for s in (ds.train, ds.val, ds.test)])
+    assert rows.tolist() == [[2, 0, 1, 3]] * 2
+    assert [len(ds.train), len(ds.val), len(ds.test)] == [1, 0, 1]
+
+
+def write_official(folder, titles_fmt, rows, n_items):
+    folder.mkdir(exist_ok=True)
+    lines = [f"Title {i}\t{i}" if titles_fmt == "bigrec" else f"{i}::Title {i}" for i in range(n_items)]
+    (folder / "id2name.txt").write_text("\n".join(lines))
+    for split in ("train", "val", "test"):
+        body = "".join(f'"{seq}",{l},{t}.0\n' for seq, l, t in rows)
+        (folder / f"{split}_data.csv").write_text("seq,len_seq,next\n" + body)
+
+
+@pytest.mark.parametrize("fmt", ["bigrec", "llara"])
+def test_official_rows_reader(tmp_path, fmt):
+    rows = [([1, 2] + [5] * 8, 2, 3), ([5] * 10, 1, 0)]     # the second: LLaRA's empty history
+    write_official(tmp_path, fmt, rows, 5)
+    ds = data.load_dataset(str(tmp_path))
+    assert ds.n_items == 5 and ds.titles[4] == "Title 4"
+    assert ds.train.lens.tolist() == [2, 0] and ds.train.target.tolist() == [3, 0]
+    (tmp_path / "train_data.csv").write_text('seq,len_seq,next\n"[1, 2, 9, 5, 5, 5, 5, 5, 5, 5]",3,1\n')
+    with pytest.raises(data.DataError, match=r"train_data.csv row 1: item id outside"):
+        data.load_dataset(str(tmp_path))
+
+
+def test_pickled_rows_need_opt_in(tmp_path):
+    write_official(tmp_path, "llara", [([1] + [5] * 9, 1, 2)], 5)
+    (tmp_path / "train_data.csv").unlink()
+    (tmp_path / "train_data.df").write_bytes(pickle.dumps({"not": "a frame"}))
+    with pytest.raises(data.DataError, match="train_data.df: a pickled DataFrame; reading it runs code"):
+        data.load_dataset(str(tmp_path))
+
+
+def test_llara_lastfm_copy_if_present():
+    folder = ROOT.parent / "shared" / "datasets" / "llara_lastfm"
+    if not folder.exists():
+        pytest.skip("no local LLaRA LastFM copy")
+    ds = data.load_dataset(str(folder))
+    assert (ds.n_items, len(ds.train), len(ds.val), len(ds.test)) == (4606, 50800, 122, 122)
+    assert (ds.train.lens == 0).sum() == 976
+
+
+def test_ml100k_download_refuses_a_bad_checksum(tmp_path, monkeypatch):
+    def fake_retrieve(url, path):
+        Path(path).write_bytes(b"not the GroupLens zip")
+    monkeypatch.setattr(data.urllib.request, "urlretrieve", fake_retrieve)
+    with pytest.raises(data.DataError, match="md5"):
+        data.download_ml100k(tmp_path / "ml-100k")
+    assert not (tmp_path / "ml-100k").exists()
+
+
+def test_bad_input_names_the_file(tmp_path):
+    (tmp_path / "u.data").write_text("1\t2\t3\n")
+    (tmp_path / "u.item").write_text("1|A\n")
+    with pytest.raises(data.DataError, match=r"u.data line 1: expected 4"):
+        data.load_dataset(str(tmp_path))
+
+
+# ============================================================================ teacher files
+def test_teacher_cache_roundtrip_and_partial_coverage(tmp_path):
+    ds = tiny_dataset()
+    t = random_teacher(ds, rows=np.arange(0, 300, 3))
+    t.splits["train"].text = np.array([f"text {i}" for i in range(100)])
+    T.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
+    back = T.load_teacher(tmp_path, ds)
+    assert back.d_llm == 24 and back.top_n == 12
+    assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
+    assert back.splits["train"].text[5] == "text 5"
+    ids, dist, covered = D.teacher_tensors(back, len(ds.train), 10, "cpu")
+    assert covered.sum() == 100 and covered[3] and not covered[4]
+    assert torch.equal(ids[3], torch.as_tensor(t.splits["train"].ids[1, :10]))
+
+
+def corrupt(tmp_path, ds, how):
+    t = random_teacher(ds)
+    s = t.splits["train"]
+    if how == "out_of_range":
+        s.ids[4, 2] = ds.n_items
+    elif how == "nan":
+        s.dist[1, 1] = np.nan
+    elif how == "emb_inf":
+        t.item_emb[0, 0] = np.inf
+    T.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
+    if how == "truncated":
+        p = tmp_path / "train.npz"
+        p.write_bytes(p.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("how,message", [("out_of_range", "item ids outside 0..39"), ("nan", "distances contain NaN"),
+                                         ("emb_inf", "item embeddings contain NaN"),
+                                         ("truncated", "train.npz: unreadable or truncated")])
+def test_bad_teacher_cache_is_refused(tmp_path, how, message):
+    ds = tiny_dataset()
+    corrupt(tmp_path, ds, how)
+    with pytest.raises(T.TeacherError, match=message):
+        T.load_teacher(tmp_path, ds)
+
+
+def test_teacher_cache_of_other_data_is_refused(tmp_path):
+    ds, other = tiny_dataset(seed=0), tiny_dataset(seed=1)
+    t = random_teacher(ds)
+    T.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
+    with pytest.raises(T.TeacherError, match="manifest.json: made for dataset .* misaligned"):
+        T.load_teacher(tmp_path, other)
+
+
+def test_official_files_export_import_and_refusals(tmp_path):
+    ds = tiny_dataset()
+    t = random_teacher(ds)
+    T.export_official(t, tmp_path, ds)
+    back = T.load_teacher(tmp_path, ds)
+    assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
+    assert np.allclose(back.splits["train"].dist, t.splits["train"].dist, rtol=1e-6)
+    assert np.array_equal(back.item_emb, t.item_emb)
+    lines = (tmp_path / "myrank_train.txt").read_text().splitlines()
+    (tmp_path / "myrank_train.txt").write_text("\n".join(lines[:-1]))          # truncated
+    with pytest.raises(T.TeacherError, match="myrank_train.txt is 299x12 but confidence_train.txt is 300x12"):
+        T.load_teacher(tmp_path, ds)
+    (tmp_path / "confidence_train.txt").write_text("\n".join((tmp_path / "confidence_train.txt").read_text().splitlines()[:-1]))
+    with pytest.raises(T.TeacherError, match="299 rows, but the training split has 300"):
+        T.load_teacher(tmp_path, ds)
+    lines[7] = lines[7] + " 3"
+    (tmp_path / "myrank_train.txt").write_text("\n".join(lines))
+    with pytest.raises(T.TeacherError, match="line 8 has 13 values"):
+        T.load_teacher(tmp_path, ds)
+    torch.save({"x": 1}, tmp_path / "all_embeddings.pt")
+    with pytest.raises(T.TeacherError, match="all_embeddings.pt: expected one tensor"):
+        T.load_teacher(tmp_path, ds)
+
+
+# ============================================================================ training
+@pytest.mark.parametrize("student", S.STUDENTS)
+@pytest.mark.parametrize("ablation", ["none", "no_wo", "no_offset"])
+def test_every_student_trains_with_and_without_distillation(student, ablation):
+    ds = tiny_dataset()
+    t = random_teacher(ds, rows=np.arange(0, 300, 2))
+    cfg = D.Config(student=student, distill=True, ablation=ablation, epochs=2, batch_size=64)
+    r = D.fit(ds, cfg, t, log=lambda *a: None)
+    assert r["teacher_rows_covered"] == 150 and len(r["epochs"]) == 2
+    assert all(math.isfinite(e["loss"]) for e in r["epochs"])
+    assert 0 <= r["test"]["NDCG@20"] <= r["test"]["HR@20"] <= 1
+
+
+def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
+    ds_dir = tmp_path / "data"
+    g = np.random.default_rng(0)
+    write_official(ds_dir, "llara", [(g.integers(0, 30, 4).tolist() + [30] * 6, 4, int(g.integers(30))) for _ in range(60)], 30)
+    out = tmp_path / "r.json"
+    D.main(["train", "--dataset", str(ds_dir), "--students", "sasrec", "--epochs", "2", "--seeds", "2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["seed"] for r in res["runs"]] == [0, 1] and res["summary"][0]["seeds"] == 2
+    assert "HR@20" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: .*nowhere: neither a teacher cache"):
+        D.main(["train", "--dataset", str(ds_dir), "--teacher", str(tmp_path / "nowhere")])
+
+
+@pytest.fixture(scope="module")
+def ml100k():
+    if not (ML100K / "u.data").exists():
+        if "DLLM2REC_ML100K" in os.environ:
+            pytest.fail(f"DLLM2REC_ML100K={ML100K} has no u.data")
+        pytest.skip(f"no local ml-100k at {ML100K}; set DLLM2REC_ML100K")
+    return data.load_dataset("ml-100k", str(ML100K))
+
+
+def test_ml100k_protocol(ml100k):
+    assert (ml100k.n_items, len(ml100k.train), len(ml100k.val), len(ml100k.test)) == (1682, 72456, 9057, 9057)
+    assert ml100k.titles[0] == "Toy Story (1995)" and (ml100k.train.lens == 10).all()
+    assert ml100k.fingerprint == data.load_dataset("ml-100k", str(ML100K)).fingerprint
+
+
+def planted_teacher(ds, n=20, d_llm=32):
+    """Knows item-to-next-item transitions counted over all rows, the later (val, test) ones
+    weighted up: something the training rows alone cannot teach."""
+    counts = np.zeros((ds.n_items + 1, ds.n_items), np.float32)
+    for split, weight in ((ds.train, 1), (ds.val, 100), (ds.test, 100)):
+        last = split.hist[np.arange(len(split)), np.maximum(split.lens - 1, 0)]
+        np.add.at(counts, (last, split.target), weight)
+    last = ds.train.hist[np.arange(len(ds.train)), ds.train.lens - 1]
+    ids = np.argsort(-counts[last], axis=1, kind="stable")[:, :n]
+    dist = 20 - np.log1p(np.take_along_axis(counts[last], ids, 1))
+    emb = np.random.default_rng(0).normal(size=(ds.n_items, d_llm)).astype(np.float32)
+    return T.TeacherOutputs(emb, {"train": T.TopN(np.arange(len(ds.train)), ids, dist)}, source="planted")
+
+
+def test_end_to_end_planted_teacher_helps_random_teacher_does_no_harm(ml100k, tmp_path):
+    T.write_cache(tmp_path, ml100k, *(lambda t: (t.item_emb, t.splits))(planted_teacher(ml100k)), {"model": "planted"})
+    planted = T.load_teacher(tmp_path, ml100k)
+    cfg = dict(student="sasrec", epochs=4, patience=2)
+    base = D.fit(ml100k, D.Config(**cfg), log=lambda *a: None)
+    taught = D.fit(ml100k, D.Config(distill=True, **cfg), planted, log=lambda *a: None)
+    assert taught["test"]["NDCG@20"] > 1.3 * base["test"]["NDCG@20"], (base["test"], taught["test"])
+    noise = D.fit(ml100k, D.Config(distill=True, **{**cfg, "epochs": 2}), random_teacher(ml100k, n=10), log=lambda *a: None)
+    assert all(math.isfinite(e["loss"]) for e in noise["epochs"]) and noise["test"]["HR@20"] > 0.01
