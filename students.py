@@ -47,9 +47,10 @@ class ItemEmbedding(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:  # items [...] -> [..., d]
         e = 0
         if self.offset is not None:
-            e = self.offset(items)                                    # b_i
+            e = self.offset.weight[items]   # b_i (indexing: its backward is cheaper than Embedding's here)
         if self.g is not None:
-            e = e + self.ed_weight * self.g(self.z[items])            # + ed_weight * g(z_i)
+            distinct, inverse = items.unique(return_inverse=True)   # project each item once
+            e = e + self.ed_weight * self.g(self.z[distinct])[inverse]  # + ed_weight * g(z_i)
         return e * (items != self.n_items).unsqueeze(-1)               # padding -> 0
 
 
@@ -218,7 +219,8 @@ class CL4SRec(SASRec):
 
     def extra_loss(self, hist, lens, h, target, scores_all=None):
         (h1, l1), (h2, l2) = augment_pair(hist, lens, self.n_items, self.n_items + 1)
-        return self.cl_weight * info_nce(self.encode(h1, l1), self.encode(h2, l2), self.tau)
+        z1, z2 = self.encode(torch.cat([h1, h2]), torch.cat([l1, l2])).chunk(2)  # both views in one pass
+        return self.cl_weight * info_nce(z1, z2, self.tau)
 
 
 # ----------------------------------------------------------------------------- DROS
