@@ -66,7 +66,8 @@ def distill(s_cand: torch.Tensor, s_neg: torch.Tensor, dist: torch.Tensor, cand:
     s_neg [B]: its score of the row's sampled negative; dist [B, K]: the teacher's distances;
     cand [B, K]: the candidate ids; student_topk [B, K]: the student's current top-K ids;
     dro_cand [B, K]: L_DRO(s, c_r) for the DROS student (adds alpha * w_r * L_DRO);
-    covered [B] bool: rows the teacher ran on (others contribute nothing).
+    covered [B] bool: rows the teacher ran on; the others contribute 0 to the batch mean, so a
+    covered row weighs the same whatever the teacher's coverage.
     The collaborative embedding term lives in the student's input: students.ItemEmbedding."""
     K = cand.shape[1]
     w = importance_weight(position_weight(K, cand.device, dist.dtype), confidence_weight(dist),
@@ -75,9 +76,9 @@ def distill(s_cand: torch.Tensor, s_neg: torch.Tensor, dist: torch.Tensor, cand:
     if dro_cand is not None:
         per_cand = per_cand + alpha * dro_cand
     per_row = (w * per_cand).sum(dim=1)                                          # [B]
-    if covered is None:
-        return lam * per_row.mean()
-    return lam * (per_row * covered).sum() / covered.sum().clamp(min=1)
+    if covered is not None:
+        per_row = per_row * covered
+    return lam * per_row.mean()
 
 
 # ============================================================================ configuration

@@ -287,6 +287,15 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def read_chat_template(model_path) -> str:
+    """The chat template stored in a GGUF file (read with the vocabulary only)."""
+    from llama_cpp import Llama
+    template = Llama(str(model_path), vocab_only=True, verbose=False).metadata.get("tokenizer.chat_template")
+    if not template:
+        raise TeacherError(f"{model_path}: has no chat template (tokenizer.chat_template); drop --chat")
+    return template
+
+
 class LlamaTeacher:
     """One llama.cpp model and one context with a unified KV cache holding several sequences:
     sequence 0 keeps the shared prompt prefix, 1..n_seq are rows decoded together."""
@@ -320,9 +329,7 @@ class LlamaTeacher:
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self.n_ctx, self.n_seq, self.max_new_tokens = n_ctx, n_seq, max_new_tokens
         self.n_vocab, self.d = self.llm.n_vocab(), self.llm.n_embd()
-        self.chat_template = self.llm.metadata.get("tokenizer.chat_template") if chat else None
-        if chat and not self.chat_template:
-            raise TeacherError(f"{self.model_path}: has no chat template")
+        self.chat_template = read_chat_template(self.model_path) if chat else None
         self.prefix_len = 0
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
 
@@ -331,9 +338,8 @@ class LlamaTeacher:
 
     # -- low level: a batch is a list of (token, position, sequence, wants_output)
     def _decode(self, items):
-        """Decode items in pieces of at most n_ctx tokens; yields (piece, offset) after each
-        piece, while its outputs (logits or embeddings) can be read by index in the piece."""
-        outputs = {}
+        """Decode items in pieces of at most n_ctx tokens; yields each piece once decoded, while
+        its outputs (logits or embeddings) can be read by index in the piece."""
         for a in range(0, len(items), self.n_ctx):
             piece = items[a:a + self.n_ctx]
             b = self.batch
@@ -342,14 +348,15 @@ class LlamaTeacher:
                 b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = tok, pos, 1, seq, out
             if self.lc.llama_decode(self.ctx, b) != 0:
                 raise RuntimeError("llama_decode failed (KV cache full? lower --teacher-seqs or raise --n-ctx)")
-            yield piece, a
+            yield piece
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Last-layer, last-token hidden state of each text, unnormalised: [len(texts), d]."""
         lc = self.lc
         lc.llama_set_embeddings(self.ctx, True)
         out = np.zeros((len(texts), self.d), np.float32)
-        toks = [self.tokenize(t or " ", bos=True)[: self.n_ctx // self.n_seq] for t in texts]
+        room = (self.n_ctx - self.prefix_len) // self.n_seq        # the prefix stays in the cache
+        toks = [self.tokenize(t or " ", bos=True)[:room] for t in texts]
         for a in range(0, len(texts), self.n_seq):
             group = list(range(a, min(a + self.n_seq, len(texts))))
             items = [(t, p, 1 + k, True) for k, i in enumerate(group) for p, t in enumerate(toks[i])]
@@ -391,7 +398,7 @@ class LlamaTeacher:
             active = set(seqs)
             while active:
                 nxt = {}
-                for piece, _ in self._decode(items):
+                for piece in self._decode(items):
                     for i, (_, _, seq, out) in enumerate(piece):
                         if out:
                             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
@@ -518,13 +525,18 @@ def work_plan(ds, st: TeacherSettings) -> list[tuple[str, int, np.ndarray]]:
 
 
 class Progress:
+    """A progress line on stderr: done/total, rate and ETA, timed from the first piece of work."""
+
     def __init__(self, total: int, what: str):
-        self.total, self.done, self.what, self.t0 = total, 0, what, time.perf_counter()
+        self.total, self.done, self.what, self.t0 = total, 0, what, None
+
+    def start(self) -> None:
+        self.t0 = self.t0 or time.perf_counter()
 
     def add(self, n: int) -> None:
         self.done += n
         rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = (self.total - self.done) / rate
         print(f"\r  {self.what}: {self.done}/{self.total}  {rate:.2f}/s  ETA {eta / 60:.1f} min   ",
               end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
 
@@ -534,28 +546,27 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
     is there. stop_after: stop after that many new chunks (tests simulate a kill with it)."""
     if ds.titles is None:
         raise TeacherError(f"{ds.name}: the teacher needs item titles")
-    cache = Path(cache)
+    cache, work = Path(cache), Path(cache) / "work"
+    model_path = Path(st.model) if st.model else default_model()
+    prompt = prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
+    check_identity(work, identity(ds, st, prompt, model_path))   # before reusing anything in cache
     if (cache / "manifest.json").exists():
         return read_cache(cache, ds)
-    model_path = Path(st.model) if st.model else default_model()
-    prompt = None
-    work = cache / "work"
     plan = work_plan(ds, st)
     i, n = st.shard
     todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not (work / f"{p[0]}-{p[1]:05d}.npz").exists()]
+    bars = {s: Progress(sum(len(p[2]) for _, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
     llm = None
     try:
         for c, (split, k, idx) in todo:
             if llm is None:
                 llm = LlamaTeacher(model_path, st.lora, st.n_gpu_layers, st.threads, st.n_ctx, st.n_seq,
                                    st.max_new_tokens, st.chat)
-                prompt = prompt_template(ds.domain, llm.chat_template)
-                check_identity(work, identity(ds, st, prompt, model_path))
                 llm.set_prefix(prompt[0])
-                bars = {s: Progress(sum(len(p[2]) for cc, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
             if stop_after is not None and stop_after <= 0:
                 return None
             t0 = time.perf_counter()
+            bars[split].start()
             if split == "items":
                 arrays = {"z": llm.embed([ds.titles[j] for j in idx])}   # the prefix (sequence 0) stays cached
             else:
@@ -608,6 +619,9 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
 def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings) -> TeacherOutputs | None:
     """Bring the work chunks of other shards' cache folders into this one, then assemble."""
     work = Path(cache) / "work"
+    model_path = Path(st.model) if st.model else default_model()
+    prompt = prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
+    check_identity(work, identity(ds, st, prompt, model_path))
     for other in map(Path, shard_dirs):
         owork = other / "work"
         if not (owork / "identity.json").exists():

@@ -48,7 +48,7 @@ def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, al
     B, K = cand.shape
     g_p, g_c, g_o = gammas
     Z = sum(math.exp(-r) for r in range(1, K + 1))
-    rows = [b for b in range(B) if covered is None or covered[b]]
+    rows = [b for b in range(B) if covered is None or covered[b]]    # uncovered rows add 0 to the mean
     total = 0.0
     for r in range(K):
         terms = []
@@ -64,7 +64,7 @@ def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, al
             if dro_cand is not None:
                 term += alpha * dro_cand[b, r]
             terms.append(w * term)
-        total += sum(terms) / max(len(terms), 1)
+        total += sum(terms) / B
     return lam * total
 
 
