@@ -17,7 +17,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +238,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print) ->
         t0 = time.perf_counter()
         model.train()
         order = torch.randperm(n, device=device)
-        total = 0.0
+        total = torch.zeros((), device=device)
         for a in range(0, n, cfg.batch_size):
             idx = order[a:a + cfg.batch_size]
             batch = [x[idx] for x in train]
@@ -247,7 +247,8 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print) ->
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)          # no per-step sync with the GPU
+        total = total.item()
         t1 = time.perf_counter()
         v, te = evaluate(model, val), evaluate(model, test)
         t2 = time.perf_counter()

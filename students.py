@@ -8,7 +8,6 @@ ranking distillation need a few per row), `score_all(h)` scores the whole catalo
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
