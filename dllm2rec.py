@@ -218,11 +218,14 @@ def teacher_tensors(t: teacher_io.TeacherOutputs, n_rows: int, K: int, device):
     return ids.to(device), dist.to(device), covered.to(device)
 
 
-def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print) -> dict:
-    """Train one student; select the epoch on validation NDCG@20 (patience), report test there."""
+def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, subsets: dict | None = None) -> dict:
+    """Train one student; select the epoch on validation NDCG@20 (patience), report test there.
+    subsets: {name: data.Split} also evaluated every epoch and reported at the selected epoch
+    (the reproduction passes the test rows the teacher covered)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train, val, test = (to_tensors(s, device) for s in (ds.train, ds.val, ds.test))
+    extra = {name: to_tensors(s, device) for name, s in (subsets or {}).items()}
     use_teacher = cfg.distill and teacher is not None
     if cfg.distill and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
@@ -255,6 +258,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print) ->
         t_train += t1 - t0
         t_eval += t2 - t1
         history.append({"epoch": epoch, "loss": total / n, "val": v, "test": te,
+                        "subsets": {name: evaluate(model, t) for name, t in extra.items()},
                         "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)})
         log(f"  epoch {epoch:3d} loss {total / n:.4f} val NDCG@20 {v['NDCG@20']:.4f} "
             f"HR@20 {v['HR@20']:.4f} ({t1 - t0:.1f}s + {t2 - t1:.1f}s eval)")
@@ -273,6 +277,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print) ->
         "teacher": (teacher.source if use_teacher else None),
         "teacher_rows_covered": int(covered.sum()) if covered is not None else None,
         "epochs": history, "selected_epoch": best["epoch"], "val": best["val"], "test": best["test"],
+        "subsets": best["subsets"],
         "official_protocol_best_test": {"epoch": official["epoch"], **official["test"],
                                         "note": "max test NDCG@20 over epochs: selected on test (biased upward)"},
         "wall_s": {"train": round(t_train, 2), "eval": round(t_eval, 2)},
@@ -325,7 +330,7 @@ def pick_device(name: str) -> torch.device:
 
 
 # ============================================================================ commands
-def train_students(ds, teacher, args, variants, device) -> list[dict]:
+def train_students(ds, teacher, args, variants, device, subsets=None) -> list[dict]:
     """Every (student, variant, seed) of the command line; variants: [(name, ablation)]."""
     runs = []
     for student in args.students:
@@ -336,7 +341,7 @@ def train_students(ds, teacher, args, variants, device) -> list[dict]:
                              lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
                              epochs=args.epochs, patience=args.patience, seed=seed)
                 print(f"{student} {cfg.variant} seed {seed} on {device}", flush=True)
-                r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None))
+                r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
                 print(f"  selected epoch {r['selected_epoch']}: test HR@20 {r['test']['HR@20']:.4f} "
                       f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train)", flush=True)
                 runs.append(r)
@@ -388,9 +393,13 @@ def teacher_report(teacher, ds) -> dict:
     out = {}
     for split in ("val", "test"):
         if split in teacher.splits:
-            out[split] = m = teacher_io.teacher_metrics(teacher.splits[split], getattr(ds, split).target)
+            t = teacher.splits[split]
+            out[split] = m = teacher_io.teacher_metrics(t, getattr(ds, split).target)
+            if t.text is not None and ds.titles is not None:
+                m["title_match"] = teacher_io.title_match_share(t.text, ds.titles)
             print(f"teacher on {m['rows']} {split} rows: HR@20 {m.get('HR@20', float('nan')):.4f} "
-                  f"NDCG@20 {m.get('NDCG@20', float('nan')):.4f}")
+                  f"NDCG@20 {m.get('NDCG@20', float('nan')):.4f}; answers that are catalogue titles: "
+                  f"{m.get('title_match', float('nan')):.1%}")
     return out
 
 
@@ -444,12 +453,17 @@ def cmd_finetune(args):
     print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
 
 
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-ml100k-lora.gguf"
+
+
 def cmd_reproduce(args) -> dict:
     """The teacher (cached after the first run) and its metrics, then every student without and
     with DLLM2Rec, one table, the latency table, one JSON."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    if not (args.model or args.lora or args.zero_shot) and args.dataset == "ml-100k" and DEFAULT_ADAPTER.exists():
+        args.lora = str(DEFAULT_ADAPTER)  # the committed adapter, trained on ML-100K's training rows
     st = teacher_io.settings_from_args(args)
     cache = Path(args.cache) if args.cache else default_teacher_cache(ds, st)
     print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
@@ -462,12 +476,21 @@ def cmd_reproduce(args) -> dict:
     t_teacher = time.perf_counter() - t_start
     teacher_eval = teacher_report(teacher, ds)
     print(f"students: {', '.join(args.students)}, at most {args.epochs} epochs (patience {args.patience}), on {device}")
-    runs = train_students(ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device)
+    subsets = {}
+    if "test" in teacher.splits:  # the test rows the teacher covered: students and teacher side by side
+        rows = teacher.splits["test"].rows
+        subsets["teacher_test_rows"] = data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])
+    runs = train_students(ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device, subsets)
     summary = summarise(runs)
-    test = teacher_eval.get("test", {})
-    print(f"\n{'teacher':9} {'BIGRec (' + str(test.get('rows', 0)) + ' test rows)':20} {'':5} "
-          f"{test.get('HR@20', float('nan')):.4f}{'':8} {test.get('NDCG@20', float('nan')):.4f}")
+    print()
     print(format_table(summary))
+    if subsets:
+        test = teacher_eval["test"]
+        print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): "
+              f"teacher {test.get('HR@20', float('nan')):.4f} / {test.get('NDCG@20', float('nan')):.4f}")
+        for r in runs:
+            m = r["subsets"]["teacher_test_rows"]
+            print(f"  {r['config']['student']:9} {r['variant']:9} {m['HR@20']:.4f} / {m['NDCG@20']:.4f}")
     capped = [f"{r['config']['student']} {r['variant']}" for r in runs if len(r["epochs"]) == args.epochs]
     if capped:
         print(f"note: {', '.join(capped)} stopped at the {args.epochs}-epoch cap, not by early stopping: not "
@@ -613,6 +636,7 @@ def parse_args(argv=None):
                        help="the teacher, then every student without and with DLLM2Rec (the default command)")
     r.add_argument("--epochs", type=int, default=5, help="at most (kept small to fit 5 minutes on 2 CPU cores)")
     r.add_argument("--patience", type=int, default=3)
+    r.add_argument("--zero-shot", action="store_true", help="do not use the committed ML-100K adapter")
     r.set_defaults(teacher_rows=512, teacher_eval_rows=128)
     sub.add_parser("teacher", parents=[data_args, teacher_args], help="run the LLM teacher into a teacher cache")
     m = sub.add_parser("teacher-merge", parents=[data_args, teacher_args], help="merge shards' caches into --cache")

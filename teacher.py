@@ -448,6 +448,12 @@ def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024
     return np.concatenate(ids).astype(np.int64), np.concatenate(dist)
 
 
+def title_match_share(texts, titles: list[str]) -> float:
+    """The share of generated answers whose quoted title is exactly a catalogue title."""
+    catalogue = set(titles)
+    return float(np.mean([answer_title(str(t)) in catalogue for t in texts])) if len(texts) else 0.0
+
+
 def teacher_metrics(t: TopN, targets: np.ndarray, ks=(5, 10, 20)) -> dict:
     """The teacher's own HR@k / NDCG@k on the rows it covered (rank = position in its top-n)."""
     hit = t.ids == targets[t.rows][:, None]                                   # [m, n]

@@ -556,6 +556,11 @@ def test_bigrec_prompt_is_the_alpaca_template():
     assert T.answer_title(' "Heat (1995)" and more') == "Heat (1995)" and T.answer_title(" Heat\n") == "Heat"
 
 
+def test_title_match_share():
+    titles = ["Heat (1995)", "Heat"]
+    assert T.title_match_share(['"Heat (1995)"', "Heat", '"Nope"', 'x "Heat (1995)" y'], titles) == 0.75
+
+
 def test_grounding_equals_brute_force():
     g = np.random.default_rng(0)
     items, gen = g.normal(size=(300, 16)).astype(np.float32) * 5, g.normal(size=(37, 16)).astype(np.float32) * 5
