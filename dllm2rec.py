@@ -151,16 +151,21 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
     h = model(hist, lens)                                                   # [B, d]
     s = model.score(h, torch.stack([target, neg], 1))                       # [B, 2]
     loss = F.softplus(-s[:, 0]).mean() + F.softplus(s[:, 1]).mean()         # BCE with logits
+    rank_on = cfg.rank_on and t_ids is not None
     is_dros = isinstance(model, students.DROS)
     scores_all = model.score_all(h) if is_dros else None                    # [B, n_items]
-    extra = model.extra_loss(hist, lens, h, target, scores_all)
+    dro_cand = None
+    if is_dros and rank_on:  # L_DRO with the target and with each candidate: one normaliser per row
+        dro = model.dro_terms(scores_all, torch.cat([target.unsqueeze(1), t_ids], 1))   # [B, 1 + K]
+        extra, dro_cand = model.alpha * dro[:, 0].mean(), dro[:, 1:]
+    else:
+        extra = model.extra_loss(hist, lens, h, target, scores_all)
     if extra is not None:
         loss = loss + extra
-    if cfg.rank_on and t_ids is not None:
+    if rank_on:
         with torch.no_grad():
             all_ = scores_all if scores_all is not None else model.score_all(h)
             student_topk = all_.topk(cfg.K, dim=1).indices                  # [B, K]
-        dro_cand = students.dro_loss(scores_all, t_ids, model.ps, model.beta, model.dro_parts) if is_dros else None
         loss = loss + distill(model.score(h, t_ids), s[:, 1], t_dist, t_ids, student_topk, cfg.lam,
                               cfg.weight_gammas, dro_cand, cfg.alpha, covered)
     return loss

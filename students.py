@@ -283,12 +283,14 @@ class DROS(SASRec):
         counts = target_counts if target_counts is not None else torch.zeros(n_items)
         self.register_buffer("ps", dro_ps(counts))
         self.alpha, self.beta = alpha, beta
-        self.dro_parts = None  # set by extra_loss for reuse by the ranking distillation
+
+    def dro_terms(self, scores_all: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L_DRO(s, t) for each column of targets [B, m] (the normaliser once per row) -> [B, m]."""
+        return dro_loss(scores_all, targets, self.ps, self.beta)
 
     def extra_loss(self, hist, lens, h, target, scores_all=None):
         scores_all = self.score_all(h) if scores_all is None else scores_all
-        self.dro_parts = DroNormaliser.apply(scores_all, self.ps / self.beta)
-        return self.alpha * dro_loss(scores_all, target.unsqueeze(1), self.ps, self.beta, self.dro_parts).mean()
+        return self.alpha * self.dro_terms(scores_all, target.unsqueeze(1)).mean()
 
 
 def make_student(name: str, n_items: int, target_counts=None, alpha: float = 0.5, **kw) -> Student:

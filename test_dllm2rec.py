@@ -135,6 +135,31 @@ def test_dro_loss_stable_for_large_scores_in_float32():
     assert torch.allclose(fast.double(), direct_dro(y, targets, ps), rtol=1e-5)
 
 
+def test_training_loss_composes_the_terms_of_spec():
+    """DROS + DLLM2Rec: BCE(target, negative) + alpha L_DRO(target) + lam L_rank, where L_rank
+    carries alpha w_r L_DRO(c_r) (SPEC section 4), each term from its slow formula."""
+    n, B, K = 30, 16, 10
+    hist, lens = padded_batch(n, B=B, seed=4, min_len=1)
+    target = torch.randint(0, n, (B,), generator=torch.Generator().manual_seed(5))
+    t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
+    t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
+    model = S.DROS(n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
+    cfg = D.Config(student="dros", distill=True)
+    torch.manual_seed(7)
+    loss = D.training_loss(model, cfg, hist, lens, target, t_ids, t_dist)
+    torch.manual_seed(7)
+    neg = D.sample_negatives(hist, target, n)
+    with torch.no_grad():
+        y = model.score_all(model(hist, lens)).double()
+    ps = model.ps.double()
+    sig = torch.sigmoid
+    base = -torch.log(sig(y.gather(1, target[:, None]))).mean() - torch.log(1 - sig(y.gather(1, neg[:, None]))).mean()
+    rank = slow_distill(y.gather(1, t_ids).numpy(), y.gather(1, neg[:, None])[:, 0].numpy(), t_dist.double().numpy(),
+                        t_ids, y.topk(K, dim=1).indices, 0.7, cfg.gammas, direct_dro(y, t_ids, ps).numpy(), 0.5)
+    want = base + 0.5 * direct_dro(y, target[:, None], ps).mean() + rank
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_dro_ps():
     ps = S.dro_ps(torch.tensor([0, 1, 2]))
     assert torch.allclose(ps, torch.tensor([1 / 6, 2 / 6, 3 / 6]) ** 0.05)
