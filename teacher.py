@@ -568,13 +568,13 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
             if llm is None:
                 llm = LlamaTeacher(model_path, st.lora, st.n_gpu_layers, st.threads, st.n_ctx, st.n_seq,
                                    st.max_new_tokens, st.chat)
-                llm.set_prefix(prompt[0])
             if stop_after is not None and stop_after <= 0:
                 return None
             t0 = time.perf_counter()
             bars[split].start()
+            llm.set_prefix(prompt[0])  # every chunk starts from the same cache: a resumed run computes the same
             if split == "items":
-                arrays = {"z": llm.embed([ds.titles[j] for j in idx])}   # the prefix (sequence 0) stays cached
+                arrays = {"z": llm.embed([ds.titles[j] for j in idx])}
             else:
                 s = getattr(ds, split)
                 rests = [history_text([ds.titles[j] for j in s.hist[r, :s.lens[r]]]) + prompt[1] for r in idx]
