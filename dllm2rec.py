@@ -458,17 +458,12 @@ def cmd_finetune(args):
     print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
 
 
-DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-ml100k-lora.gguf"
-
-
 def cmd_reproduce(args) -> dict:
     """The teacher (cached after the first run) and its metrics, then every student without and
     with DLLM2Rec, one table, the latency table, one JSON."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
-    if not (args.model or args.lora or args.zero_shot) and args.dataset == "ml-100k" and DEFAULT_ADAPTER.exists():
-        args.lora = str(DEFAULT_ADAPTER)  # the committed adapter, trained on ML-100K's training rows
     st = teacher_io.settings_from_args(args)
     cache = Path(args.cache) if args.cache else default_teacher_cache(ds, st)
     print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
@@ -641,7 +636,6 @@ def parse_args(argv=None):
                        help="the teacher, then every student without and with DLLM2Rec (the default command)")
     r.add_argument("--epochs", type=int, default=5, help="at most (kept small to fit 5 minutes on 2 CPU cores)")
     r.add_argument("--patience", type=int, default=3)
-    r.add_argument("--zero-shot", action="store_true", help="do not use the committed ML-100K adapter")
     r.set_defaults(teacher_rows=512, teacher_eval_rows=128)
     sub.add_parser("teacher", parents=[data_args, teacher_args], help="run the LLM teacher into a teacher cache")
     m = sub.add_parser("teacher-merge", parents=[data_args, teacher_args], help="merge shards' caches into --cache")
