@@ -520,6 +520,16 @@ def check_identity(work: Path, ident: dict) -> None:
         atomic_write(path, lambda f: f.write(json.dumps(ident, indent=1).encode()))
 
 
+def chunk_path(work: Path, split: str, k: int) -> Path:
+    return work / f"{split}-{k:05d}.npz"
+
+
+def model_and_prompt(ds, st: TeacherSettings) -> tuple[Path, tuple[str, str]]:
+    """The GGUF file the settings name (default: SmolLM2) and the prompt it will see."""
+    model_path = Path(st.model) if st.model else default_model()
+    return model_path, prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
+
+
 def work_plan(ds, st: TeacherSettings) -> list[tuple[str, int, np.ndarray]]:
     """Every chunk of work: ('items', k, item ids) and (split, k, row indices)."""
     plan = [("items", k, np.arange(a, min(a + 8 * CHUNK, ds.n_items))) for k, a in enumerate(range(0, ds.n_items, 8 * CHUNK))]
@@ -553,14 +563,13 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
     if ds.titles is None:
         raise TeacherError(f"{ds.name}: the teacher needs item titles")
     cache, work = Path(cache), Path(cache) / "work"
-    model_path = Path(st.model) if st.model else default_model()
-    prompt = prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
+    model_path, prompt = model_and_prompt(ds, st)
     check_identity(work, identity(ds, st, prompt, model_path))   # before reusing anything in cache
     if (cache / "manifest.json").exists():
         return read_cache(cache, ds)
     plan = work_plan(ds, st)
     i, n = st.shard
-    todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not (work / f"{p[0]}-{p[1]:05d}.npz").exists()]
+    todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not chunk_path(work, p[0], p[1]).exists()]
     bars = {s: Progress(sum(len(p[2]) for _, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
     llm = None
     try:
@@ -582,7 +591,7 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
                 arrays = {"rows": idx, "text": np.asarray(texts, dtype=str),
                           "z": llm.embed([answer_title(t) for t in texts])}
             arrays["seconds"] = np.float64(time.perf_counter() - t0)
-            atomic_write(work / f"{split}-{k:05d}.npz", lambda f: np.savez(f, **arrays))
+            atomic_write(chunk_path(work, split, k), lambda f: np.savez(f, **arrays))
             bars[split].add(len(idx))
             if stop_after is not None:
                 stop_after -= 1
@@ -596,7 +605,7 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
     """Ground every chunk against the item embeddings and write the cache, once all are there."""
     work = Path(cache) / "work"
     plan = work_plan(ds, st)
-    missing = [p for p in plan if not (work / f"{p[0]}-{p[1]:05d}.npz").exists()]
+    missing = [p for p in plan if not chunk_path(work, p[0], p[1]).exists()]
     if missing:
         print(f"{work}: {len(missing)} of {len(plan)} chunks still to do (other shards?); "
               "run again, or merge the shards' folders", file=sys.stderr)
@@ -604,7 +613,7 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
     ident = json.loads((work / "identity.json").read_text())
     chunks = {}
     for split, k, _ in plan:
-        with np.load(work / f"{split}-{k:05d}.npz", allow_pickle=False) as z:
+        with np.load(chunk_path(work, split, k), allow_pickle=False) as z:
             chunks.setdefault(split, []).append({name: z[name] for name in z.files})
     z_items = np.concatenate([c["z"] for c in chunks["items"]])
     splits, seconds, rows = {}, 0.0, 0
@@ -625,8 +634,7 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
 def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings) -> TeacherOutputs | None:
     """Bring the work chunks of other shards' cache folders into this one, then assemble."""
     work = Path(cache) / "work"
-    model_path = Path(st.model) if st.model else default_model()
-    prompt = prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
+    model_path, prompt = model_and_prompt(ds, st)
     check_identity(work, identity(ds, st, prompt, model_path))
     for other in map(Path, shard_dirs):
         owork = other / "work"
