@@ -423,6 +423,40 @@ def cmd_teacher(args):
     return teacher
 
 
+def cmd_compare(args) -> dict:
+    """Teachers and undistilled students on the same validation and test rows: each teacher's
+    HR@20 / NDCG@20 and share of catalogue-title answers; each student's HR@20 / NDCG@20 on those
+    rows, at the epoch its full validation selects."""
+    device = pick_device(args.device)
+    ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    teachers = {f"teacher {i + 1}": teacher_io.load_teacher(p, ds) for i, p in enumerate(args.teachers)}
+    subsets = {}
+    for split in ("val", "test"):
+        covered = [np.sort(t.splits[split].rows) if split in t.splits else None for t in teachers.values()]
+        for path, rows in zip(args.teachers, covered):
+            if rows is None or not np.array_equal(rows, covered[0]):
+                raise teacher_io.TeacherError(f"{path}: covers other {split} rows than {args.teachers[0]} (or none); "
+                                              "compare teachers run with the same --teacher-eval-rows")
+        s = getattr(ds, split)
+        subsets[split] = data.Split(s.hist[covered[0]], s.lens[covered[0]], s.target[covered[0]])
+    table = {}
+    for (label, t), path in zip(teachers.items(), args.teachers):
+        print(f"{label}: {path}")
+        table[label] = teacher_report(t, ds)
+    runs = train_students(ds, None, args, [("base", "none")], device, subsets)
+    for r in runs:
+        table[f"{r['config']['student']} seed {r['config']['seed']} (epoch {r['selected_epoch']})"] = r["subsets"]
+    print(f"\n{'':24} {'validation (' + str(len(subsets['val'])) + ' rows)':>26}   "
+          f"{'test (' + str(len(subsets['test'])) + ' rows)':>26}")
+    print(f"{'':24} {'HR@20':>8} {'NDCG@20':>8} {'titles':>8}   {'HR@20':>8} {'NDCG@20':>8} {'titles':>8}")
+    for label, m in table.items():
+        cells = [f"{m[sp]['HR@20']:8.4f} {m[sp]['NDCG@20']:8.4f} " +
+                 (f"{m[sp]['title_match']:8.1%}" if "title_match" in m[sp] else f"{'':8}") for sp in ("val", "test")]
+        print(f"{label:24} {cells[0]}   {cells[1]}")
+    save_results(args, ds, runs, {}, teachers=dict(zip(teachers, args.teachers)), compare=table)
+    return table
+
+
 def cmd_teacher_bench(args):
     ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
     st = teacher_io.settings_from_args(args)
@@ -452,8 +486,11 @@ def cmd_finetune(args):
     import finetune
     ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
     print(f"{ds.summary()}\nLoRA fine-tuning on {args.samples} training rows, {args.epochs} epoch(s)")
+    device = pick_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     r = finetune.train_lora(ds, args.out, args.model, args.samples, args.epochs, args.r, args.lora_alpha,
-                            args.lora_dropout, args.lr, args.batch_size, args.seed)
+                            args.lora_dropout, args.lr, args.batch_size, args.seed, device, dtype,
+                            args.gradient_checkpointing)
     write_json(Path(args.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint})
     print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
 
@@ -654,7 +691,18 @@ def parse_args(argv=None):
     f.add_argument("--lr", type=float, default=1e-4)
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", required=True, help="the adapter .gguf (a .json beside it gets the loss curve)")
+    f.add_argument("--device", default="cpu", help="cpu, auto (CUDA when present), cuda, cuda:1 ...")
+    f.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="of the frozen weights (bfloat16 for a 7B model on a GPU); LoRA stays float32")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    f.add_argument("--out", required=True, help="the adapter .gguf (a .json beside it gets the loss curve; "
+                                                "<out>.ckpt, the checkpoint a rerun resumes from)")
+    c = sub.add_parser("compare-teachers", parents=[data_args, student_args],
+                       help="teachers and undistilled students on the same validation and test rows")
+    c.add_argument("teachers", nargs="+", help="teacher cache folders (made with the same --teacher-eval-rows)")
+    c.add_argument("--epochs", type=int, default=100)
+    c.add_argument("--patience", type=int, default=10)
+    c.set_defaults(students=["sasrec", "dros"])
     e = sub.add_parser("export-official", parents=[data_args], help="write a teacher cache as the official files")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
@@ -684,7 +732,7 @@ def parse_args(argv=None):
 
 COMMANDS = {"train": cmd_train, "reproduce": cmd_reproduce, "teacher": cmd_teacher, "teacher-merge": cmd_teacher,
             "teacher-bench": cmd_teacher_bench, "export-official": cmd_export, "bench": cmd_bench,
-            "finetune": cmd_finetune}
+            "finetune": cmd_finetune, "compare-teachers": cmd_compare}
 
 
 def main(argv=None):

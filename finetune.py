@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import teacher as teacher_io
 
@@ -35,8 +36,9 @@ class LlamaConfig:
     n_rot: int
 
 
-def read_gguf(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Config and float32 weights of a llama-architecture GGUF file (numpy layout [out, in])."""
+def read_gguf(path, dtype=torch.float32) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Config and weights (dtype, numpy layout [out, in]) of a llama-architecture GGUF file;
+    converted tensor by tensor, so a 7B model in bfloat16 needs ~14 GB of RAM, not 28."""
     import gguf
     from gguf.quants import dequantize
     reader = gguf.GGUFReader(str(path))
@@ -53,7 +55,8 @@ def read_gguf(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     weights = {}
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape))              # ggml ne -> numpy order
-        weights[t.name] = torch.from_numpy(np.ascontiguousarray(dequantize(t.data, t.tensor_type)).reshape(shape).astype(np.float32))
+        weights[t.name] = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+                                           .reshape(shape)).to(dtype)                    # a copy: not the mmap
     n_vocab, d = weights["token_embd.weight"].shape
     n_head = int(field("llama.attention.head_count"))
     cfg = LlamaConfig(n_vocab, d, int(field("llama.block_count")), n_head, int(field("llama.attention.head_count_kv", n_head)),
@@ -63,7 +66,9 @@ def read_gguf(path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
 
 
 def rms_norm(x, w, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    """In float32 whatever the weights' dtype (as llama.cpp does), back to x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def rope(x: torch.Tensor, pos: torch.Tensor, base: float, n_rot: int) -> torch.Tensor:
@@ -75,27 +80,28 @@ def rope(x: torch.Tensor, pos: torch.Tensor, base: float, n_rot: int) -> torch.T
     cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
     rot, rest = x[..., :n_rot], x[..., n_rot:]
     x0, x1 = rot[..., 0::2], rot[..., 1::2]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)       # float32
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
 
 
 class LoRALinear(nn.Module):
-    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen; A [r, in], B [out, r] (B starts at 0)."""
+    """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen; A [r, in], B [out, r] (B starts at 0).
+    A and B stay float32 when W is bfloat16 (the update is small against W)."""
 
     def __init__(self, weight: torch.Tensor, r: int = 8, alpha: float = 16, dropout: float = 0.05):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         out_f, in_f = weight.shape
-        self.lora_a = nn.Parameter(torch.empty(r, in_f))
+        self.lora_a = nn.Parameter(torch.empty(r, in_f, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.lora_b = nn.Parameter(torch.zeros(out_f, r))
+        self.lora_b = nn.Parameter(torch.zeros(out_f, r, device=weight.device))
         self.scale, self.dropout = alpha / r, nn.Dropout(dropout)
 
     def forward(self, x):
-        return x @ self.weight.T + self.scale * (self.dropout(x) @ self.lora_a.T @ self.lora_b.T)
+        return x @ self.weight.T + (self.scale * (self.dropout(x).float() @ self.lora_a.T @ self.lora_b.T)).to(x.dtype)
 
     def merged(self) -> torch.Tensor:
-        return self.weight + self.scale * self.lora_b @ self.lora_a
+        return (self.weight.float() + self.scale * self.lora_b @ self.lora_a).to(self.weight.dtype)
 
 
 class TorchLlama(nn.Module):
@@ -114,26 +120,36 @@ class TorchLlama(nn.Module):
         key = f"{i}_{name}"
         return self.lora[key](x) if key in self.lora else x @ self.w[f"blk.{i}.{name}.weight"].T
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, T] (causal, right padding is harmless) -> logits [B, T, n_vocab]."""
+    def block(self, x: torch.Tensor, i: int, pos: torch.Tensor) -> torch.Tensor:
+        """Layer i: x [B, T, d] -> [B, T, d]."""
         c, w = self.cfg, self.w
-        B, T = tokens.shape
+        B, T, _ = x.shape
         hd = c.d // c.n_head
-        pos = torch.arange(T, device=tokens.device)
+        h = rms_norm(x, w[f"blk.{i}.attn_norm.weight"], c.eps)
+        q = rope(self.proj(h, i, "attn_q").view(B, T, c.n_head, hd), pos, c.rope_base, c.n_rot)
+        k = rope(self.proj(h, i, "attn_k").view(B, T, c.n_kv, hd), pos, c.rope_base, c.n_rot)
+        v = self.proj(h, i, "attn_v").view(B, T, c.n_kv, hd)
+        rep = c.n_head // c.n_kv                                                       # grouped-query attention
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, c.d), i, "attn_output")
+        h = rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], c.eps)
+        return x + self.proj(F.silu(self.proj(h, i, "ffn_gate")) * self.proj(h, i, "ffn_up"), i, "ffn_down")
+
+    def forward(self, tokens: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+        """tokens [B, T] (causal, right padding is harmless) -> float32 logits [B, T, n_vocab].
+        checkpoint: keep only each layer's input and recompute the layer in backward
+        (gradient checkpointing: activation memory of one layer, ~1.3x the compute)."""
+        w = self.w
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = w["token_embd.weight"][tokens]                                             # [B, T, d]
-        for i in range(c.n_layer):
-            h = rms_norm(x, w[f"blk.{i}.attn_norm.weight"], c.eps)
-            q = rope(self.proj(h, i, "attn_q").view(B, T, c.n_head, hd), pos, c.rope_base, c.n_rot)
-            k = rope(self.proj(h, i, "attn_k").view(B, T, c.n_kv, hd), pos, c.rope_base, c.n_rot)
-            v = self.proj(h, i, "attn_v").view(B, T, c.n_kv, hd)
-            rep = c.n_head // c.n_kv                                                   # grouped-query attention
-            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-            x = x + self.proj(a.transpose(1, 2).reshape(B, T, c.d), i, "attn_output")
-            h = rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], c.eps)
-            x = x + self.proj(F.silu(self.proj(h, i, "ffn_gate")) * self.proj(h, i, "ffn_up"), i, "ffn_down")
+        for i in range(self.cfg.n_layer):
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self.block, x, i, pos, use_reentrant=False)
+            else:
+                x = self.block(x, i, pos)
         out = w.get("output.weight", w["token_embd.weight"])                           # tied when absent
-        return rms_norm(x, w["output_norm.weight"], c.eps) @ out.T
+        return (rms_norm(x, w["output_norm.weight"], self.cfg.eps) @ out.T).float()
 
 
 def export_lora(model: TorchLlama, path, r: int, alpha: float) -> None:
@@ -171,40 +187,65 @@ def training_sequences(ds, model_path, rows: np.ndarray, chat: bool = False) -> 
     return seqs
 
 
-def lm_loss(model: TorchLlama, batch: list[list[int]], pad: int) -> torch.Tensor:
+def lm_loss(model: TorchLlama, batch: list[list[int]], pad: int, checkpoint: bool = False) -> torch.Tensor:
     """Mean next-token cross entropy over every real token (BIGRec trains on the whole prompt)."""
     T = max(map(len, batch))
-    tokens = torch.tensor([s + [pad] * (T - len(s)) for s in batch])
-    real = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in batch], dtype=torch.bool)
-    logits = model(tokens[:, :-1])                                        # right padding: causal, harmless
+    device = model.w["token_embd.weight"].device
+    tokens = torch.tensor([s + [pad] * (T - len(s)) for s in batch], device=device)
+    real = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in batch], dtype=torch.bool, device=device)
+    logits = model(tokens[:, :-1], checkpoint)                            # right padding: causal, harmless
     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
     mask = real[:, 1:].flatten()
     return (loss * mask).sum() / mask.sum()
 
 
 def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r: int = 8, alpha: float = 16,
-               dropout: float = 0.05, lr: float = 1e-4, batch_size: int = 8, seed: int = 0, log=print) -> dict:
-    """Fine-tune LoRA adapters on attn_q/attn_v with BIGRec's recipe; write the GGUF adapter."""
+               dropout: float = 0.05, lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
+               device: str = "cpu", dtype: torch.dtype = torch.float32, checkpoint: bool = False, log=print) -> dict:
+    """Fine-tune LoRA adapters on attn_q/attn_v with BIGRec's recipe; write the GGUF adapter.
+
+    After every epoch the adapter is written and so is a checkpoint (<out>.ckpt: LoRA weights,
+    optimizer and random states). A run that finds a checkpoint of the same settings goes on
+    from it, so an interrupted run, or one asked for more epochs, ends where one uninterrupted
+    run would (the learning rate is constant)."""
     import time
+    out = Path(out)
     model_path = Path(model_path) if model_path else teacher_io.default_model()
     torch.manual_seed(seed)
     rows = teacher_io.select_rows(len(ds.train), samples, seed)           # training rows only
     seqs = training_sequences(ds, model_path, rows)
-    cfg, w = read_gguf(model_path)
-    model = TorchLlama(cfg, w, r, alpha, dropout)
+    cfg, w = read_gguf(model_path, dtype)
+    model = TorchLlama(cfg, {k: v.to(device) for k, v in w.items()}, r, alpha, dropout)
     opt = torch.optim.AdamW(model.lora.parameters(), lr=lr)
     pad = seqs[0][-1]
-    t0, losses = time.perf_counter(), []
     g = np.random.default_rng(seed)
-    for epoch in range(epochs):
+    same = {"model": str(model_path), "fingerprint": ds.fingerprint, "samples": len(seqs), "r": r, "alpha": alpha,
+            "dropout": dropout, "lr": lr, "batch_size": batch_size, "seed": seed}
+    ckpt_path = out.with_name(out.name + ".ckpt")
+    done, losses, seconds = 0, [], 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ck["settings"] != same:
+            raise teacher_io.TeacherError(f"{ckpt_path}: a checkpoint of other settings ({ck['settings']}); "
+                                          "remove it or choose another --out")
+        model.lora.load_state_dict(ck["lora"]); opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["torch_rng"]); g.bit_generator.state = ck["np_rng"]
+        done, losses, seconds = ck["epochs"], ck["losses"], ck["seconds"]
+        log(f"  resuming from {ckpt_path} after epoch {done}")
+    t0 = time.perf_counter() - seconds
+    for epoch in range(done, epochs):
         order = g.permutation(len(seqs))
         for a in range(0, len(seqs), batch_size):
-            loss = lm_loss(model, [seqs[i] for i in order[a:a + batch_size]], pad)
+            loss = lm_loss(model, [seqs[i] for i in order[a:a + batch_size]], pad, checkpoint)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
             log(f"  epoch {epoch + 1} step {len(losses)}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
-    export_lora(model, out, r, alpha)
-    return {"model": str(model_path), "samples": len(seqs), "epochs": epochs, "r": r, "alpha": alpha, "lr": lr,
-            "losses": losses, "seconds": time.perf_counter() - t0, "adapter": str(out)}
+        export_lora(model, out, r, alpha)
+        teacher_io.atomic_write(ckpt_path, lambda f: torch.save(
+            {"settings": same, "epochs": epoch + 1, "losses": losses, "seconds": time.perf_counter() - t0,
+             "lora": model.lora.state_dict(), "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+             "np_rng": g.bit_generator.state}, f))
+    return {**same, "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t0, "adapter": str(out),
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "checkpoint": checkpoint}

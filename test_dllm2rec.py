@@ -488,6 +488,37 @@ def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
         D.main(["train", "--dataset", str(ds_dir), "--teacher", str(tmp_path / "nowhere")])
 
 
+def planted_eval_cache(folder, ds, rank, hits, rows=np.arange(20), n=20):
+    """A teacher cache whose val and test top-n hold the target at `rank` for the first `hits`
+    rows (absent elsewhere); every other answer is a quoted catalogue title."""
+    splits = {"train": random_teacher(ds, n=n).splits["train"]}
+    for name in ("val", "test"):
+        target = getattr(ds, name).target[rows]
+        ids = np.stack([[j for j in range(ds.n_items) if j != t][:n] for t in target])
+        ids[:hits, rank] = target[:hits]
+        text = np.array([f'"item {i}"' if i % 2 == 0 else "made up" for i in range(len(rows))])
+        splits[name] = T.TopN(rows, ids, np.sort(np.ones(ids.shape, np.float32), 1), text)
+    T.write_cache(folder, ds, np.random.default_rng(0).normal(size=(ds.n_items, 4)).astype(np.float32), splits,
+                  {"model": "planted"})
+
+
+def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    planted_eval_cache(tmp_path / "a", ds, rank=0, hits=5)
+    planted_eval_cache(tmp_path / "b", ds, rank=2, hits=10)
+    table = D.main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "b"), "--students", "sasrec",
+                    "--epochs", "1", "--out", str(tmp_path / "r.json")])
+    a, b = table["teacher 1"]["val"], table["teacher 2"]["test"]
+    assert (a["rows"], a["HR@20"], a["NDCG@20"], a["title_match"]) == (20, 0.25, 0.25, 0.5)
+    assert (b["HR@20"], b["NDCG@20"]) == (0.5, pytest.approx(0.5 / np.log2(4)))
+    (student,) = [k for k in table if k.startswith("sasrec")]
+    assert set(table[student]) == {"val", "test"} and 0 <= table[student]["test"]["HR@20"] <= 1
+    planted_eval_cache(tmp_path / "c", ds, rank=0, hits=5, rows=np.arange(1, 21))
+    with pytest.raises(SystemExit, match="c: covers other val rows"):
+        D.main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "c"), "--epochs", "1"])
+
+
 @pytest.fixture(scope="module")
 def ml100k():
     if not (ML100K / "u.data").exists():
@@ -784,15 +815,51 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_model):
     assert all(not p.requires_grad for p in w.values())                      # base weights frozen
 
 
-def test_torch_llama_close_to_llama_cpp_on_smollm2():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # bfloat16: the 7B-on-a-GPU setting
+def test_torch_llama_close_to_llama_cpp_on_smollm2(dtype):
     try:
         model = T.default_model()
     except T.TeacherError as e:
         pytest.skip(str(e))
-    cfg, w = FT.read_gguf(model)
+    cfg, w = FT.read_gguf(model, dtype)
+    assert w["blk.0.attn_q.weight"].dtype == dtype
     toks = sample_tokens(model)
     with torch.no_grad():
         ours = torch.log_softmax(FT.TorchLlama(cfg, w)(torch.tensor([toks]))[0], -1)
     want = torch.log_softmax(torch.as_tensor(llama_cpp_logits(model, toks)), -1)
     kl = (want.exp() * (want - ours)).sum(-1)                                 # llama.cpp quantizes activations to 8 bits
     assert kl.max() < 0.05 and (ours.argmax(-1) == want.argmax(-1)).float().mean() > 0.85
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model):
+    ds = tiny_dataset()
+    ds.domain = "movies"
+    seqs = FT.training_sequences(ds, tiny_model, np.arange(4))
+    cfg, w = FT.read_gguf(tiny_model)
+    model = FT.TorchLlama(cfg, w, r=4, alpha=8, dropout=0.3)          # dropout: the recompute must replay it
+    for lora in model.lora.values():
+        torch.nn.init.normal_(lora.lora_b, std=0.2)
+    got = []
+    for checkpoint in (False, True):
+        torch.manual_seed(1)
+        model.zero_grad()
+        loss = FT.lm_loss(model, seqs, pad=2, checkpoint=checkpoint)
+        loss.backward()
+        got.append((loss.item(), torch.cat([p.grad.flatten() for p in model.lora.parameters()])))
+    assert got[0][0] == pytest.approx(got[1][0], rel=1e-6)
+    assert torch.allclose(got[0][1], got[1][1], rtol=1e-4, atol=1e-7) and got[0][1].abs().max() > 0
+
+
+def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path):
+    ds = tiny_dataset()
+    ds.domain = "movies"
+    run = lambda out, epochs: FT.train_lora(ds, out, tiny_model, samples=12, epochs=epochs, r=4, alpha=8,
+                                            lr=1e-2, batch_size=4, log=lambda *a: None)
+    whole = run(tmp_path / "whole.gguf", 2)
+    first = run(tmp_path / "part.gguf", 1)
+    resumed = run(tmp_path / "part.gguf", 2)                    # finds part.gguf.ckpt after epoch 1
+    assert len(first["losses"]) == 3 and resumed["losses"] == whole["losses"]
+    assert (tmp_path / "part.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    with pytest.raises(T.TeacherError, match="part.gguf.ckpt: a checkpoint of other settings"):
+        FT.train_lora(ds, tmp_path / "part.gguf", tiny_model, samples=12, epochs=3, r=4, alpha=8, lr=1e-3,
+                      batch_size=4, log=lambda *a: None)
