@@ -495,12 +495,25 @@ def cmd_finetune(args):
     print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
 
 
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-ml100k-lora.gguf"
+
+
+def default_adapter(args, ds) -> str | None:
+    """The committed SmolLM2 adapter, when the default model runs on the ML-100K rows it was
+    trained on (its .json names their fingerprint) and no other model or adapter is asked for."""
+    if args.model or args.lora or args.zero_shot or not DEFAULT_ADAPTER.exists():
+        return args.lora
+    made_for = json.loads(DEFAULT_ADAPTER.with_suffix(".json").read_text()).get("fingerprint")
+    return str(DEFAULT_ADAPTER) if made_for == ds.fingerprint else None
+
+
 def cmd_reproduce(args) -> dict:
     """The teacher (cached after the first run) and its metrics, then every student without and
     with DLLM2Rec, one table, the latency table, one JSON."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
+    args.lora = default_adapter(args, ds)
     st = teacher_io.settings_from_args(args)
     cache = Path(args.cache) if args.cache else default_teacher_cache(ds, st)
     print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
@@ -673,6 +686,7 @@ def parse_args(argv=None):
                        help="the teacher, then every student without and with DLLM2Rec (the default command)")
     r.add_argument("--epochs", type=int, default=5, help="at most (kept small to fit 5 minutes on 2 CPU cores)")
     r.add_argument("--patience", type=int, default=3)
+    r.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
     r.set_defaults(teacher_rows=512, teacher_eval_rows=128)
     sub.add_parser("teacher", parents=[data_args, teacher_args], help="run the LLM teacher into a teacher cache")
     m = sub.add_parser("teacher-merge", parents=[data_args, teacher_args], help="merge shards' caches into --cache")

@@ -863,3 +863,17 @@ def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path):
     with pytest.raises(T.TeacherError, match="part.gguf.ckpt: a checkpoint of other settings"):
         FT.train_lora(ds, tmp_path / "part.gguf", tiny_model, samples=12, epochs=3, r=4, alpha=8, lr=1e-3,
                       batch_size=4, log=lambda *a: None)
+
+
+def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"")
+    adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint}))
+    monkeypatch.setattr(D, "DEFAULT_ADAPTER", adapter)
+    args = lambda *extra: D.parse_args(["reproduce", *extra])
+    assert D.default_adapter(args(), ds) == str(adapter)
+    assert D.default_adapter(args("--zero-shot"), ds) is None
+    assert D.default_adapter(args("--lora", "mine.gguf"), ds) == "mine.gguf"
+    assert D.default_adapter(args("--model", "other.gguf"), ds) is None
+    assert D.default_adapter(args(), tiny_dataset(seed=1)) is None            # other rows: not trained for them
