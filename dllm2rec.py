@@ -490,7 +490,7 @@ def cmd_finetune(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     r = finetune.train_lora(ds, args.out, args.model, args.samples, args.epochs, args.r, args.lora_alpha,
                             args.lora_dropout, args.lr, args.batch_size, args.seed, device, dtype,
-                            args.gradient_checkpointing)
+                            args.gradient_checkpointing, log=lambda line: print(line, flush=True))
     write_json(Path(args.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint})
     print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
 

@@ -36,9 +36,10 @@ class LlamaConfig:
     n_rot: int
 
 
-def read_gguf(path, dtype=torch.float32) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Config and weights (dtype, numpy layout [out, in]) of a llama-architecture GGUF file;
-    converted tensor by tensor, so a 7B model in bfloat16 needs ~14 GB of RAM, not 28."""
+def read_gguf(path, dtype=torch.float32, device="cpu") -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Config and weights (dtype, on device, numpy layout [out, in]) of a llama-architecture
+    GGUF file; converted and moved tensor by tensor, so a 7B model in bfloat16 takes ~14 GB of
+    GPU memory and no more than one float32 tensor of host memory at a time."""
     import gguf
     from gguf.quants import dequantize
     reader = gguf.GGUFReader(str(path))
@@ -56,7 +57,7 @@ def read_gguf(path, dtype=torch.float32) -> tuple[LlamaConfig, dict[str, torch.T
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape))              # ggml ne -> numpy order
         weights[t.name] = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-                                           .reshape(shape)).to(dtype)                    # a copy: not the mmap
+                                           .reshape(shape)).to(device, dtype)            # a copy: not the mmap
     n_vocab, d = weights["token_embd.weight"].shape
     n_head = int(field("llama.attention.head_count"))
     cfg = LlamaConfig(n_vocab, d, int(field("llama.block_count")), n_head, int(field("llama.attention.head_count_kv", n_head)),
@@ -164,8 +165,8 @@ def export_lora(model: TorchLlama, path, r: int, alpha: float) -> None:
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     for key, lora in model.lora.items():
         i, name = key.split("_", 1)
-        w.add_tensor(f"blk.{i}.{name}.weight.lora_a", lora.lora_a.detach().float().numpy())
-        w.add_tensor(f"blk.{i}.{name}.weight.lora_b", lora.lora_b.detach().float().numpy())
+        w.add_tensor(f"blk.{i}.{name}.weight.lora_a", lora.lora_a.detach().float().cpu().numpy())
+        w.add_tensor(f"blk.{i}.{name}.weight.lora_b", lora.lora_b.detach().float().cpu().numpy())
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     tmp.replace(path)
 
@@ -214,8 +215,8 @@ def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r
     torch.manual_seed(seed)
     rows = teacher_io.select_rows(len(ds.train), samples, seed)           # training rows only
     seqs = training_sequences(ds, model_path, rows)
-    cfg, w = read_gguf(model_path, dtype)
-    model = TorchLlama(cfg, {k: v.to(device) for k, v in w.items()}, r, alpha, dropout)
+    cfg, w = read_gguf(model_path, dtype, device)
+    model = TorchLlama(cfg, w, r, alpha, dropout)
     opt = torch.optim.AdamW(model.lora.parameters(), lr=lr)
     pad = seqs[0][-1]
     g = np.random.default_rng(seed)
@@ -224,12 +225,14 @@ def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r
     ckpt_path = out.with_name(out.name + ".ckpt")
     done, losses, seconds = 0, [], 0.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["settings"] != same:
             raise teacher_io.TeacherError(f"{ckpt_path}: a checkpoint of other settings ({ck['settings']}); "
                                           "remove it or choose another --out")
         model.lora.load_state_dict(ck["lora"]); opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["torch_rng"]); g.bit_generator.state = ck["np_rng"]
+        if ck.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
         done, losses, seconds = ck["epochs"], ck["losses"], ck["seconds"]
         log(f"  resuming from {ckpt_path} after epoch {done}")
     t0 = time.perf_counter() - seconds
@@ -246,6 +249,7 @@ def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r
         teacher_io.atomic_write(ckpt_path, lambda f: torch.save(
             {"settings": same, "epochs": epoch + 1, "losses": losses, "seconds": time.perf_counter() - t0,
              "lora": model.lora.state_dict(), "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-             "np_rng": g.bit_generator.state}, f))
+             "np_rng": g.bit_generator.state,
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, f))
     return {**same, "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t0, "adapter": str(out),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "checkpoint": checkpoint}
