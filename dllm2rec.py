@@ -389,6 +389,7 @@ def default_teacher_cache(ds, st: teacher_io.TeacherSettings) -> Path:
     """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
     model = Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1"
     parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
+             "titles" if st.titles_only else None,
              f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]
     return data.cache_dir() / "teacher" / "-".join(p for p in parts if p)
 

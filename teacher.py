@@ -332,6 +332,20 @@ class LlamaTeacher:
         self.chat_template = read_chat_template(self.model_path) if chat else None
         self.prefix_len = 0
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
+        self.next_allowed = None         # constrain_to(titles): {generated ids: allowed next ids}
+
+    def constrain_to(self, titles: list[str]) -> None:
+        """Decode only answers that are '"title"' for a catalogue title: a trie over the titles'
+        token sequences (tokenized as the fine-tuning tokenizes the answer), stored as
+        {prefix: allowed next tokens}; the answer ends at a whole title that no other title
+        extends (max_new_tokens does not apply)."""
+        nxt = {}
+        for t in titles:
+            toks = tuple(self.tokenize(f'"{t}"', bos=False))
+            for k in range(len(toks)):
+                nxt.setdefault(toks[:k], set()).add(toks[k])
+            nxt.setdefault(toks, set())
+        self.next_allowed = {k: np.array(sorted(v), np.int64) for k, v in nxt.items()}
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=bos, special=self.chat_template is not None)
@@ -380,7 +394,8 @@ class LlamaTeacher:
 
     def generate(self, rests: list[str]) -> list[str]:
         """Greedy answers to prefix + rest, n_seq rows at a time; stops at end of generation,
-        a newline, a closing quote, or max_new_tokens."""
+        a newline, a closing quote, or max_new_tokens. After constrain_to: the greedy token
+        among those that continue a catalogue title, until a whole title is written."""
         lc = self.lc
         lc.llama_set_embeddings(self.ctx, False)
         answers, self.generated_ids = [], []
@@ -402,7 +417,11 @@ class LlamaTeacher:
                     for i, (_, _, seq, out) in enumerate(piece):
                         if out:
                             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
-                            nxt[seq] = int(logits.argmax())
+                            if self.next_allowed is None:
+                                nxt[seq] = int(logits.argmax())
+                            else:
+                                allowed = self.next_allowed[tuple(gen[seq])]
+                                nxt[seq] = int(allowed[logits[allowed].argmax()])
                 items = []
                 for seq in sorted(nxt):
                     tok = nxt[seq]
@@ -412,7 +431,11 @@ class LlamaTeacher:
                         active.discard(seq)
                         continue
                     gen[seq].append(tok)
-                    if "\n" in text or text.count('"') >= 2 or len(gen[seq]) >= self.max_new_tokens:
+                    if self.next_allowed is not None:              # a whole title that no other title extends
+                        done = len(self.next_allowed[tuple(gen[seq])]) == 0
+                    else:
+                        done = "\n" in text or text.count('"') >= 2 or len(gen[seq]) >= self.max_new_tokens
+                    if done:
                         active.discard(seq)
                         continue
                     items.append((tok, pos[seq], seq, True))
@@ -486,6 +509,7 @@ class TeacherSettings:
     eval_rows: int | None = None    # per split, for the teacher's own metrics
     seed: int = 0
     shard: tuple = (0, 1)           # (i, n): this process does chunks c with c % n == i
+    titles_only: bool = False       # decode only catalogue titles (LlamaTeacher.constrain_to)
 
 
 def select_rows(n_rows: int, count: int | None, seed: int) -> np.ndarray:
@@ -502,7 +526,8 @@ def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path)
         "lora": {"file": Path(st.lora).name, "sha256": file_sha256(st.lora)} if st.lora else None,
         "prompt": {"template": "chat" if st.chat else "alpaca",
                    "sha256": hashlib.sha256("\x00".join(prompt).encode()).hexdigest()[:16]},
-        "generation": {"decoding": "greedy", "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq},
+        "generation": {"decoding": "greedy over catalogue titles" if st.titles_only else "greedy",
+                       "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq},
         "top_n": st.top_n, "rows": {"train": st.train_rows, "eval": st.eval_rows, "seed": st.seed}, "chunk": CHUNK,
     }
 
@@ -577,6 +602,8 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
             if llm is None:
                 llm = LlamaTeacher(model_path, st.lora, st.n_gpu_layers, st.threads, st.n_ctx, st.n_seq,
                                    st.max_new_tokens, st.chat)
+                if st.titles_only:
+                    llm.constrain_to(ds.titles)
             if stop_after is not None and stop_after <= 0:
                 return None
             t0 = time.perf_counter()
@@ -697,6 +724,8 @@ def add_settings_args(p) -> None:
     p.add_argument("--teacher-seqs", type=int, default=8, help="rows decoded together")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="use the model's chat template, not BIGRec's Alpaca prompt")
+    p.add_argument("--titles-only", action="store_true",
+                   help="decode only catalogue titles (greedy over a trie of the titles' tokens)")
     p.add_argument("--top-n", type=int, default=20, help="nearest items kept per row")
     p.add_argument("--teacher-rows", type=int, help="a fixed-seed random subset of training rows (default: all)")
     p.add_argument("--teacher-eval-rows", type=int, help="validation and test rows each, for the teacher's metrics")
@@ -711,4 +740,4 @@ def settings_from_args(args) -> TeacherSettings:
         raise TeacherError(f"--shard {args.shard!r}: expected i/n with 0 <= i < n") from None
     return TeacherSettings(args.model, args.lora, args.n_gpu_layers, args.threads, args.n_ctx, args.teacher_seqs,
                            args.max_new_tokens, args.chat, args.top_n, args.teacher_rows, args.teacher_eval_rows,
-                           shard=(i, n))
+                           shard=(i, n), titles_only=args.titles_only)

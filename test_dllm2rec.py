@@ -671,6 +671,41 @@ def test_generation_is_llama_cpp_greedy_decoding(tiny_model):
     assert checked >= 10
 
 
+def test_titles_only_decoding_is_the_greedy_choice_among_catalogue_titles(tiny_model):
+    """With constrain_to, every answer is a quoted catalogue title, and each step's token is the
+    argmax of llama.cpp's logits over the tokens that continue some title (found here by
+    scanning the titles' token lists, not with the trie)."""
+    from llama_cpp import Llama
+    titles = ["Heat (1995)", "Heat", "Toy Story (1995)", "Casino (1995)", "Babe (1995)", "Big (1988)", "x"]
+    prefix, suffix = T.prompt_template("movies")
+    rests = [T.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
+    ours = T.LlamaTeacher(tiny_model, n_ctx=1024, n_seq=4, max_new_tokens=2)   # the cap does not cut titles
+    try:
+        ours.constrain_to(titles)
+        ours.set_prefix(prefix)
+        got, ids = ours.generate(rests), ours.generated_ids
+    finally:
+        ours.close()
+    assert all(T.answer_title(a) in titles and a.strip()[0] == a.strip()[-1] == '"' for a in got)
+    ref = Llama(str(tiny_model), n_ctx=512, logits_all=True, verbose=False)
+    spelled = [ref.tokenize(f'"{t}"'.encode(), add_bos=False) for t in titles]
+    checked = 0
+    for rest, our_ids in zip(rests, ids):
+        assert our_ids in spelled
+        prompt = ref.tokenize(prefix.encode(), add_bos=True) + ref.tokenize(rest.encode(), add_bos=False)
+        ref.reset()
+        ref.eval(prompt + our_ids)
+        for j, tok in enumerate(our_ids):
+            allowed = sorted({s[j] for s in spelled if len(s) > j and s[:j] == our_ids[:j]})
+            logits = ref.scores[len(prompt) - 1 + j][allowed]
+            top2 = np.sort(logits)[-2:]
+            if len(allowed) > 1 and top2[1] - top2[0] < 0.5:
+                break
+            assert tok == allowed[int(logits.argmax())]
+            checked += len(allowed) > 1
+    assert checked >= 5
+
+
 def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
     ds = tiny_dataset()
     t = T.run_teacher(ds, tmp_path / "cache", tiny_settings(tiny_model))
