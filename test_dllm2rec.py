@@ -904,11 +904,21 @@ def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, mon
     ds = tiny_dataset()
     adapter = tmp_path / "a.gguf"
     adapter.write_bytes(b"")
-    adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint}))
+    adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint, "titles_only": True}))
     monkeypatch.setattr(D, "DEFAULT_ADAPTER", adapter)
     args = lambda *extra: D.parse_args(["reproduce", *extra])
-    assert D.default_adapter(args(), ds) == str(adapter)
-    assert D.default_adapter(args("--zero-shot"), ds) is None
-    assert D.default_adapter(args("--lora", "mine.gguf"), ds) == "mine.gguf"
-    assert D.default_adapter(args("--model", "other.gguf"), ds) is None
-    assert D.default_adapter(args(), tiny_dataset(seed=1)) is None            # other rows: not trained for them
+    assert D.default_adapter(args(), ds) == (str(adapter), True)
+    assert D.default_adapter(args("--zero-shot"), ds) == (None, False)
+    assert D.default_adapter(args("--lora", "mine.gguf"), ds) == ("mine.gguf", False)
+    assert D.default_adapter(args("--model", "other.gguf", "--titles-only"), ds) == (None, True)
+    assert D.default_adapter(args(), tiny_dataset(seed=1)) == (None, False)   # other rows: not trained for them
+
+
+def test_each_command_keeps_its_own_defaults():
+    """One command's defaults (reproduce: 512 teacher rows; compare-teachers: two students)
+    must not leak into another's through shared option groups."""
+    get = lambda *argv: D.parse_args(list(argv))
+    assert (get("teacher").teacher_rows, get("teacher").teacher_eval_rows) == (None, None)
+    assert (get("reproduce").teacher_rows, get("reproduce").teacher_eval_rows) == (512, 128)
+    assert get("reproduce").students == get("train").students == list(D.students.STUDENTS)
+    assert get("compare-teachers", "x").students == ["sasrec", "dros"]
