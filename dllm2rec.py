@@ -492,7 +492,8 @@ def cmd_finetune(args):
     r = finetune.train_lora(ds, args.out, args.model, args.samples, args.epochs, args.r, args.lora_alpha,
                             args.lora_dropout, args.lr, args.batch_size, args.seed, device, dtype,
                             args.gradient_checkpointing, log=lambda line: print(line, flush=True))
-    write_json(Path(args.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint})
+    write_json(Path(args.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint,
+                                                     "titles_only": args.titles_only})
     print(f"wrote {args.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
 
 
@@ -724,6 +725,8 @@ def parse_args(argv=None):
     f.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="of the frozen weights (bfloat16 for a 7B model on a GPU); LoRA stays float32")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in backward")
+    f.add_argument("--titles-only", action="store_true",
+                   help="record in the .json that reproduce serves this adapter with --titles-only")
     f.add_argument("--out", required=True, help="the adapter .gguf (a .json beside it gets the loss curve; "
                                                 "<out>.ckpt, the checkpoint a rerun resumes from)")
     c = sub.add_parser("compare-teachers", parents=[data_args(), student_args()],

@@ -922,3 +922,16 @@ def test_each_command_keeps_its_own_defaults():
     assert (get("reproduce").teacher_rows, get("reproduce").teacher_eval_rows) == (512, 128)
     assert get("reproduce").students == get("train").students == list(D.students.STUDENTS)
     assert get("compare-teachers", "x").students == ["sasrec", "dros"]
+
+
+def test_finetune_command_writes_the_adapter_reproduce_picks_up(tiny_model, tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    ds.domain = "movies"
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    out = tmp_path / "a.gguf"
+    D.main(["finetune", "--model", str(tiny_model), "--samples", "8", "--batch-size", "4", "--titles-only",
+            "--out", str(out)])
+    made = json.loads(out.with_suffix(".json").read_text())
+    assert made["fingerprint"] == ds.fingerprint and made["titles_only"] and len(made["losses"]) == 2
+    monkeypatch.setattr(D, "DEFAULT_ADAPTER", out)
+    assert D.default_adapter(D.parse_args(["reproduce"]), ds) == (str(out), True)
