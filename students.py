@@ -1,5 +1,6 @@
-"""The four students (SPEC section 3) in plain PyTorch, with DLLM2Rec's collaborative
-embedding distillation as their input layer (SPEC section 4).
+"""The four students in plain PyTorch (GRU4Rec, Hidasi et al. 2016; SASRec, Kang and McAuley
+2018, laid out as the official DLLM2Rec code; CL4SRec, Xie et al. 2022; DROS, Yang et al. 2023),
+with DLLM2Rec's collaborative embedding distillation as their input layer.
 
 A student maps a right-padded history [B, L] to a state h [B, d]; its untied output layer
 scores items. `score(h, items)` scores only the items asked for (the base loss and the
@@ -17,11 +18,12 @@ STUDENTS = ("gru4rec", "sasrec", "cl4srec", "dros")
 
 
 class ItemEmbedding(nn.Module):
-    """e_i = b_i + ed_weight * g(z_i) (SPEC section 4).
+    """e_i = b_i + ed_weight * g(z_i): the paper's collaborative embedding distillation.
 
     b: learnable ID embedding, the "collaborative offset"; z_i: the teacher's embedding of
     item i's title (frozen); g: a learnable projection d_llm -> d. Without a teacher,
-    e_i = b_i; with use_offset=False (ablation "w/o offset"), e_i = g(z_i). Ids >= n_items
+    e_i = b_i; with use_offset=False (the paper's "w/o offset" ablation), e_i = g(z_i), no
+    ed_weight factor. Ids >= n_items
     (padding = n_items, the CL4SRec mask token = n_items + 1) have no teacher embedding;
     the padding id embeds to zero.
     """
@@ -42,14 +44,20 @@ class ItemEmbedding(nn.Module):
         else:
             self.z, self.g = None, None
         self.ed_weight = ed_weight
+        self.static = False   # True: no data-dependent shapes (a captured training step)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:  # items [...] -> [..., d]
-        e = 0
-        if self.offset is not None:
-            e = self.offset.weight[items]   # b_i (indexing: its backward is cheaper than Embedding's here)
-        if self.g is not None:
+        # lookups by F.embedding: its backward sums repeated ids in a fixed order, where plain
+        # indexing's accumulates them in a varying one (runs with one seed would differ)
+        if self.g is None:
+            e = F.embedding(items, self.offset.weight)               # b_i
+        elif self.static:                                            # fixed shapes (a captured step)
+            g_z = self.g(F.embedding(items, self.z))                 # g(z_i)
+        else:
             distinct, inverse = items.unique(return_inverse=True)   # project each item once
-            e = e + self.ed_weight * self.g(self.z[distinct])[inverse]  # + ed_weight * g(z_i)
+            g_z = F.embedding(inverse, self.g(self.z[distinct]))    # g(z_i)
+        if self.g is not None:
+            e = g_z if self.offset is None else F.embedding(items, self.offset.weight) + self.ed_weight * g_z
         return e * (items != self.n_items).unsqueeze(-1)               # padding -> 0
 
 
@@ -72,7 +80,7 @@ class Student(nn.Module):
 
     def score(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """h [B, d], items [B, m] -> scores [B, m], the same as score_all(h).gather(1, items)."""
-        return torch.einsum("bd,bmd->bm", h, self.out.weight[items]) + self.out.bias[items]
+        return torch.einsum("bd,bmd->bm", h, F.embedding(items, self.out.weight)) + F.embedding(items, self.out.bias[:, None])[..., 0]
 
     def score_all(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, n_items]
         return self.out(h)
@@ -96,26 +104,28 @@ class GRU4Rec(Student):
         self.gru = nn.GRU(self.dim, self.dim, batch_first=True)
 
     def encode(self, hist, lens):
-        out, _ = self.gru(self.dropout(self.embed(hist)))  # right padding: out[len-1] saw real items only
+        out, _ = self.gru(self.embed(hist))  # no dropout, as the official GRU; out[len-1] saw real items only
         return last_real(out, lens)
 
 
 class SASRec(Student):
-    """SASRec as in DROS/DLLM2Rec: 1 block, 1 head, learned positions, causal and
-    padding-masked attention, point-wise feed-forward, LayerNorms.
+    """SASRec laid out as the official DROS/DLLM2Rec code: one block, one head, learned positions,
+    causal and padding-masked attention whose residual is the NORMALISED query:
+        x = dropout(e(items) + pos) * real;  q = LN_1(x);  a = Attention(q, x, x) + q
+        u = LN_2(a);  f = LN_ff(dropout(W2 relu(W1 u)) + u);  h = LN_3(f) at the last real position.
 
-    Only the hidden state at the last real position is used, and with one block it depends
-    on the other positions through keys and values only; so the query, the feed-forward and
-    the last LayerNorm are computed at that position alone (`encode_all_positions` is the
-    textbook every-position version; the tests check that both agree)."""
+    Only h at the last real position is used, and with one block it depends on the other
+    positions through keys and values only; so the query side is computed at that position
+    alone (`encode_all_positions` is the every-position version; the tests check that both
+    agree, and that both equal a transcription of the official layout)."""
 
     def __init__(self, n_items, **kw):
         super().__init__(n_items, **kw)
         d = self.dim
         self.pos = nn.Embedding(self.max_len, d)
-        self.ln_attn, self.ln_ff, self.ln_out = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ln_1, self.ln_2, self.ln_ff, self.ln_3 = (nn.LayerNorm(d) for _ in range(4))
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.ff = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(kw.get("dropout", 0.1)), nn.Linear(d, d))
+        self.w_1, self.w_2 = nn.Linear(d, d), nn.Linear(d, d)
         self.attn_dropout = kw.get("dropout", 0.1)
 
     def inputs(self, hist):
@@ -126,10 +136,12 @@ class SASRec(Student):
 
     def block(self, x_q, x, mask):
         """One block for the queries x_q [B, Q, d] over keys/values x [B, L, d], mask [B, Q, L]."""
-        a = F.scaled_dot_product_attention(self.q(self.ln_attn(x_q)), self.k(x), self.v(x), attn_mask=mask,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        y = x_q + a
-        return self.ln_out(y + self.ff(self.ln_ff(y)))
+        q = self.ln_1(x_q)
+        a = F.scaled_dot_product_attention(self.q(q), self.k(x), self.v(x), attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0) + q
+        u = self.ln_2(a)
+        f = self.ln_ff(self.dropout(self.w_2(F.relu(self.w_1(u)))) + u)
+        return self.ln_3(f)
 
     def encode(self, hist, lens):
         x, real = self.inputs(hist)
@@ -205,7 +217,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 1.0) -> torch.Tens
     sim = z @ z.T / tau                                       # [2N, 2N]
     sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
     n = len(z1)
-    twin = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    twin = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(0, n, device=z.device)])
     return F.cross_entropy(sim, twin)
 
 

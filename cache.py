@@ -1,0 +1,318 @@
+"""The teacher's outputs and their files: the teacher cache, the official DLLM2Rec files, their
+checks, the teacher's own metrics, and a diagnostic teacher of known quality.
+
+Teacher cache: a folder with
+  manifest.json        {"format": "dllm2rec-teacher-cache/1", "dataset": name,
+                        "fingerprint": Dataset.fingerprint, "teacher": {...identity...},
+                        "n_items", "d_llm", "top_n", "splits": {split: {"rows": total rows
+                        of that split, "covered": rows the teacher ran on}}}
+  item_embeddings.npy  float32 [n_items, d_llm]: z_i, the teacher's embedding of item i's title
+  {train,val,test}.npz rows  int64 [m]      : which rows of the split the teacher covered
+                       ids   int64 [m, n]   : its top-n items, nearest first
+                       dist  float32 [m, n] : their L2 distances d (smaller = more confident)
+                       text  str [m]        : the generated text (optional)
+Every file is written atomically (temporary file, then rename); the manifest is written last.
+Official DLLM2Rec files: all_embeddings.pt, myrank_train.txt, confidence_train.txt, and
+fingerprint.json beside them when this code wrote them (the dataset fingerprint and each
+file's sha256: a copy with rows reordered is refused).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common import UserError, atomic_write
+
+FORMAT = "dllm2rec-teacher-cache/1"
+SPLITS = ("train", "val", "test")
+
+
+class TeacherError(UserError):
+    """A teacher file that does not fit the data; the message names the file and the problem."""
+
+
+@dataclass
+class TopN:
+    rows: np.ndarray    # [m] int64, row indices into the split
+    ids: np.ndarray     # [m, n] int64, the teacher's top-n items, nearest first
+    dist: np.ndarray    # [m, n] float32, their distances
+    text: np.ndarray | None = None  # [m] str, generated texts
+
+
+@dataclass
+class TeacherOutputs:
+    item_emb: np.ndarray                      # [n_items, d_llm] float32
+    splits: dict[str, TopN] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def d_llm(self) -> int:
+        return self.item_emb.shape[1]
+
+    @property
+    def top_n(self) -> int:
+        return self.splits["train"].ids.shape[1]
+
+
+def checksum(t: TeacherOutputs) -> str:
+    """A short fingerprint of the teacher's outputs (item embeddings, every split's rows, ids,
+    distances and texts): two runs that print the same checksum computed the same cache."""
+    h = hashlib.sha256(np.ascontiguousarray(t.item_emb, dtype=np.float32).tobytes())
+    for name in sorted(t.splits):
+        s = t.splits[name]
+        h.update(name.encode())
+        for a in (s.rows.astype(np.int64), s.ids.astype(np.int64), s.dist.astype(np.float32)):
+            h.update(np.ascontiguousarray(a).tobytes())
+        if s.text is not None:
+            h.update("\x00".join(map(str, s.text)).encode())
+    return h.hexdigest()[:12]
+
+
+def write_cache(folder, dataset, item_emb: np.ndarray, splits: dict[str, TopN], teacher: dict) -> None:
+    folder = Path(folder)
+    atomic_write(folder / "item_embeddings.npy", lambda f: np.save(f, item_emb.astype(np.float32)))
+    for name, t in splits.items():
+        arrays = {"rows": t.rows.astype(np.int64), "ids": t.ids.astype(np.int64), "dist": t.dist.astype(np.float32)}
+        if t.text is not None:
+            arrays["text"] = np.asarray(t.text, dtype=str)
+        atomic_write(folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
+    manifest = {
+        "format": FORMAT, "dataset": dataset.name, "fingerprint": dataset.fingerprint,
+        "teacher": teacher, "n_items": int(item_emb.shape[0]), "d_llm": int(item_emb.shape[1]),
+        "top_n": int(next(iter(splits.values())).ids.shape[1]) if splits else 0,
+        "splits": {name: {"rows": len(getattr(dataset, name)), "covered": len(t.rows)} for name, t in splits.items()},
+    }
+    atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+
+# ----------------------------------------------------------------------------- reading
+def read_cache(folder, dataset) -> TeacherOutputs:
+    folder = Path(folder)
+    mpath = folder / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TeacherError(f"{mpath}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise TeacherError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("fingerprint") != dataset.fingerprint:
+        raise TeacherError(f"{mpath}: made for dataset {manifest.get('dataset')!r} with fingerprint "
+                           f"{manifest.get('fingerprint')}, but the data loaded now ({dataset.name}) has "
+                           f"fingerprint {dataset.fingerprint}: the rows differ, so its ranks would be misaligned")
+    epath = folder / "item_embeddings.npy"
+    item_emb = _load(epath, lambda: np.load(epath, allow_pickle=False))
+    splits = {}
+    for name in SPLITS:
+        path = folder / f"{name}.npz"
+        if not path.exists():
+            continue
+        def read(path=path):
+            with np.load(path, allow_pickle=False) as z:
+                return TopN(z["rows"], z["ids"], z["dist"], z["text"] if "text" in z.files else None)
+        splits[name] = _load(path, read)
+    out = TeacherOutputs(item_emb, splits, manifest, str(folder))
+    check_teacher(out, dataset)
+    return out
+
+
+
+
+def read_official(folder, dataset) -> TeacherOutputs:
+    """The official DLLM2Rec files: all_embeddings.pt, myrank_train.txt, confidence_train.txt
+    (row r = training row r). fingerprint.json, written beside them by export_official, proves
+    that the rows are this dataset's; without it only counts and ranges can be checked."""
+    import torch
+    folder = Path(folder)
+    fpath = folder / "fingerprint.json"
+    if fpath.exists():
+        made = _load(fpath, lambda: json.loads(fpath.read_text()))
+        if made.get("fingerprint") != dataset.fingerprint:
+            raise TeacherError(f"{fpath}: written for rows with fingerprint {made.get('fingerprint')}, the data "
+                               f"loaded now ({dataset.name}) has {dataset.fingerprint}: the ranks would be misaligned")
+        for name, digest in made.get("sha256", {}).items():
+            if _sha256(folder / name) != digest:
+                raise TeacherError(f"{folder / name}: changed since it was written beside {fpath.name} "
+                                   "(rows reordered or edited?); row r must be training row r")
+    else:
+        print(f"warning: {folder}: no fingerprint.json; cannot check that row r of the official files is "
+              f"training row r of {dataset.name} (only counts and ranges are checked)")
+    epath = folder / "all_embeddings.pt"
+    emb = _load(epath, lambda: torch.load(epath, map_location="cpu", weights_only=True))
+    if not isinstance(emb, torch.Tensor):
+        raise TeacherError(f"{epath}: expected one tensor [n_items, d_llm], found {type(emb).__name__}")
+    ids = _read_matrix(folder / "myrank_train.txt", np.int64)
+    dist = _read_matrix(folder / "confidence_train.txt", np.float32)
+    if ids.shape != dist.shape:
+        raise TeacherError(f"{folder}: myrank_train.txt is {ids.shape[0]}x{ids.shape[1]} but "
+                           f"confidence_train.txt is {dist.shape[0]}x{dist.shape[1]}")
+    out = TeacherOutputs(emb.float().numpy(), {"train": TopN(np.arange(len(ids)), ids, dist)},
+                         {"teacher": {"source": "official files"}}, str(folder))
+    if len(ids) != len(dataset.train):
+        raise TeacherError(f"{folder / 'myrank_train.txt'}: {len(ids)} rows, but the training split has "
+                           f"{len(dataset.train)}: row r must be training row r")
+    check_teacher(out, dataset)
+    return out
+
+
+def export_official(teacher: TeacherOutputs, folder, dataset) -> None:
+    """Write the official files, for the official code, and fingerprint.json beside them;
+    needs a teacher covering all training rows."""
+    import torch
+    t = teacher.splits["train"]
+    if len(t.rows) != len(dataset.train) or not np.array_equal(t.rows, np.arange(len(dataset.train))):
+        raise TeacherError(f"{teacher.source}: covers {len(t.rows)} of {len(dataset.train)} training rows; "
+                           "the official files need every row, in order")
+    folder = Path(folder)
+    atomic_write(folder / "all_embeddings.pt", lambda f: torch.save(torch.from_numpy(teacher.item_emb), f))
+    atomic_write(folder / "myrank_train.txt", lambda f: np.savetxt(f, t.ids, fmt="%d"))
+    atomic_write(folder / "confidence_train.txt", lambda f: np.savetxt(f, t.dist, fmt="%.9g"))  # 9 digits: float32 exactly
+    files = ("all_embeddings.pt", "myrank_train.txt", "confidence_train.txt")
+    atomic_write(folder / "fingerprint.json", lambda f: f.write(json.dumps(
+        {"dataset": dataset.name, "fingerprint": dataset.fingerprint, "rows": len(dataset.train),
+         "sha256": {name: _sha256(folder / name) for name in files}}, indent=1).encode()))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+
+def load_teacher(path, dataset) -> TeacherOutputs:
+    """A teacher cache folder (manifest.json) or a folder of official files."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return read_cache(path, dataset)
+    if (path / "all_embeddings.pt").exists():
+        return read_official(path, dataset)
+    raise TeacherError(f"{path}: neither a teacher cache (manifest.json) nor official files (all_embeddings.pt)")
+
+
+def check_teacher(t: TeacherOutputs, dataset) -> None:
+    """Refuse teacher outputs that cannot belong to this dataset."""
+    src = t.source
+    if t.item_emb.ndim != 2 or t.item_emb.shape[0] != dataset.n_items:
+        raise TeacherError(f"{src}: item embeddings have shape {t.item_emb.shape}, expected "
+                           f"[{dataset.n_items} items, d_llm]")
+    if not np.isfinite(t.item_emb).all():
+        raise TeacherError(f"{src}: item embeddings contain NaN or infinite values")
+    if "train" not in t.splits:
+        raise TeacherError(f"{src}: no ranks for the training split")
+    for name, s in t.splits.items():
+        n_rows = len(getattr(dataset, name))
+        where = f"{src} ({name})"
+        if s.ids.ndim != 2 or s.dist.shape != s.ids.shape or s.rows.shape != (len(s.ids),):
+            raise TeacherError(f"{where}: rows {s.rows.shape}, ids {s.ids.shape}, dist {s.dist.shape} do not agree")
+        if len(s.rows) and (s.rows.min() < 0 or s.rows.max() >= n_rows or len(np.unique(s.rows)) != len(s.rows)):
+            raise TeacherError(f"{where}: row indices must be distinct and in 0..{n_rows - 1}")
+        if s.ids.size and (s.ids.min() < 0 or s.ids.max() >= dataset.n_items):
+            raise TeacherError(f"{where}: item ids outside 0..{dataset.n_items - 1} "
+                               f"(found {s.ids.min()}..{s.ids.max()})")
+        if not np.isfinite(s.dist).all():
+            raise TeacherError(f"{where}: distances contain NaN or infinite values")
+        if s.dist.size and s.dist.min() < 0:
+            raise TeacherError(f"{where}: negative distances (found {s.dist.min():.4g}); an L2 distance is >= 0")
+        if s.text is not None and len(s.text) != len(s.rows):
+            raise TeacherError(f"{where}: {len(s.text)} texts for {len(s.rows)} rows")
+        declared = t.manifest.get("splits", {}).get(name)
+        if declared and (declared.get("rows") != n_rows or declared.get("covered") != len(s.rows)):
+            raise TeacherError(f"{where}: manifest says {declared}, files hold {len(s.rows)} of {n_rows} rows")
+
+
+def _load(path: Path, read):
+    if not path.exists():
+        raise TeacherError(f"{path}: file not found")
+    try:
+        return read()
+    except TeacherError:
+        raise
+    except Exception as e:  # truncated or corrupt files fail in many ways
+        raise TeacherError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+
+
+def _read_matrix(path: Path, dtype) -> np.ndarray:
+    """A whitespace-separated text matrix with the same number of values on every line."""
+    def read():
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise TeacherError(f"{path}: empty")
+        bad = next((i for i, r in enumerate(rows) if len(r) != len(rows[0])), None)
+        if bad is not None:
+            raise TeacherError(f"{path}: line {bad + 1} has {len(rows[bad])} values, line 1 has {len(rows[0])}")
+        try:
+            return np.asarray(rows, dtype=np.float64)
+        except ValueError as e:
+            raise TeacherError(f"{path}: not numbers ({e})") from None
+    m = _load(path, read)
+    if dtype == np.int64 and not np.array_equal(m, np.round(m)):
+        raise TeacherError(f"{path}: item ids must be integers")
+    return m.astype(dtype)
+
+
+
+
+# ============================================================================ the teacher's own metrics
+def answer_title(text: str) -> str:
+    """The title inside the first pair of quotes of a generated answer, else the stripped text."""
+    parts = text.split('"')
+    return parts[1].strip() if len(parts) >= 3 else text.strip().strip('"').strip()
+
+
+
+
+def title_match_share(texts, titles: list[str]) -> float:
+    """The share of generated answers whose quoted title is exactly a catalogue title."""
+    catalogue = set(titles)
+    return float(np.mean([answer_title(str(t)) in catalogue for t in texts])) if len(texts) else 0.0
+
+
+def teacher_metrics(t: TopN, targets: np.ndarray, ks=(5, 10, 20)) -> dict:
+    """The teacher's own HR@k / NDCG@k on the rows it covered (rank = position in its top-n)."""
+    hit = t.ids == targets[t.rows][:, None]                                   # [m, n]
+    rank = np.where(hit.any(1), hit.argmax(1), t.ids.shape[1])
+    out = {"rows": int(len(t.rows))}
+    for k in ks:
+        if k <= t.ids.shape[1]:
+            h = rank < k
+            out[f"HR@{k}"] = float(h.mean()) if len(h) else 0.0
+            out[f"NDCG@{k}"] = float((h / np.log2(rank + 2)).mean()) if len(h) else 0.0
+    return out
+
+
+# ============================================================================ a diagnostic teacher
+def transition_counts(ds) -> np.ndarray:
+    """counts[a, b]: how often item b directly follows item a over ALL rows, validation and test
+    included: what a teacher that knows the held-out transitions knows. [n_items, n_items]"""
+    counts = np.zeros((ds.n_items, ds.n_items), np.float32)
+    for s in (ds.train, ds.val, ds.test):
+        last = s.hist[np.arange(len(s)), np.maximum(s.lens - 1, 0)]
+        np.add.at(counts, (last[s.lens > 0], s.target[s.lens > 0]), 1)
+    return counts
+
+
+def synthetic_teacher(ds, quality: float, counts: np.ndarray, top_n: int = 20, d_llm: int = 32,
+                      seed: int = 0) -> TeacherOutputs:
+    """A DIAGNOSTIC teacher of known quality that sees held-out data. Quality 1: each training
+    row's candidates are the items that most often follow its last item (counts), item
+    embeddings the top singular vectors of log(1 + counts + counts^T). Each candidate is then
+    replaced by a uniformly random item with probability 1 - quality, and each embedding mixed
+    with noise in that proportion; replaced candidates get larger distances (an honest
+    confidence), so quality 0 is a random teacher."""
+    g = np.random.default_rng(seed)
+    pop = np.bincount(ds.train.target, minlength=ds.n_items) / len(ds.train)
+    last = ds.train.hist[np.arange(len(ds.train)), np.maximum(ds.train.lens - 1, 0)]
+    ids = np.argsort(-(counts[last] + pop), axis=1, kind="stable")[:, :top_n]        # [N, n], popularity breaks ties
+    keep = g.random(ids.shape) < quality
+    ids = np.where(keep, ids, g.integers(0, ds.n_items, ids.shape))
+    dist = np.where(keep, 1 + 0.1 * np.arange(top_n), 3 + g.random(ids.shape)).astype(np.float32)
+    order = np.argsort(dist, axis=1, kind="stable")
+    ids, dist = np.take_along_axis(ids, order, 1), np.take_along_axis(dist, order, 1)
+    u, sv, _ = np.linalg.svd(np.log1p(counts + counts.T), full_matrices=False)
+    z = u[:, :d_llm] * sv[:d_llm] / (u[:, :d_llm] * sv[:d_llm]).std()
+    z = quality * z + (1 - quality) * g.standard_normal(z.shape)
+    rows = np.arange(len(ds.train))
+    return TeacherOutputs(z.astype(np.float32), {"train": TopN(rows, ids, dist)},
+                                     source=f"synthetic teacher, quality {quality}")
