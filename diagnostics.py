@@ -17,7 +17,7 @@ import torch
 import cache
 import data
 import teacher as teacher_llm
-from common import pick_device, write_json
+from common import Step, pick_device, write_json
 
 
 # ============================================================================ mechanism check
@@ -137,7 +137,7 @@ def cmd_bench(args, ds, method) -> dict:
                 cfg = method.Config(student=student, distill=distill_on)
                 model = method.build_student(cfg, args.items, target, emb if distill_on else None).to(device)
                 opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
-                step = method.Step(model, opt, cfg, mode, warmup=min(3, args.warmup))
+                step = Step(method.training_loss, model, opt, cfg, mode, warmup=min(3, args.warmup))
                 g = torch.Generator(device="cpu").manual_seed(1)
                 times = []
                 for i in range(args.warmup + args.steps):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,8 +30,8 @@ import diagnostics
 import finetune
 import students
 import teacher as teacher_llm
-from common import (Parser, UserError, add_flags, at_least, check_writable, fraction, from_args, non_negative, opt,
-                    pick_device, positive, write_json)
+from common import (Parser, Step, UserError, add_flags, at_least, at_the_boundary, check_writable, checked,
+                    choice_list, fraction, from_args, non_negative, opt, pick_device, positive, write_json)
 
 KS = (5, 10, 20)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
@@ -179,7 +178,7 @@ def build_student(cfg: Config, n_items: int, train_targets: torch.Tensor, item_e
     counts = torch.bincount(train_targets.cpu(), minlength=n_items)
     return students.make_student(
         cfg.student, n_items, target_counts=counts, alpha=cfg.alpha, dim=cfg.dim, dropout=cfg.dropout,
-        teacher_emb=item_emb if cfg.embed_on else None, ed_weight=cfg.ed_weight,
+        max_len=data.MAX_HISTORY, teacher_emb=item_emb if cfg.embed_on else None, ed_weight=cfg.ed_weight,
         use_offset=cfg.ablation != "no_offset")
 
 
@@ -236,55 +235,6 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
             student_topk = all_.topk(cfg.K, dim=1).indices                  # [B, K]
         loss = loss + distill(model.score(h, t_ids), s[:, 1], t_dist, t_ids, student_topk, cfg, dro_cand, covered)
     return loss
-
-
-class Step:
-    """One optimisation step: forward, backward, Adam. mode "eager" is the reference (and the
-    CPU's step); "compiled" runs it through torch.compile (backend: inductor, or aot_eager to
-    trace without code generation); "captured" (CUDA): the first `warmup` steps run eagerly on
-    a side stream, the next is captured as one CUDA graph and replayed from then on with the
-    batch copied into static buffers: one launch a step instead of a few hundred. Compiled
-    and captured steps are static: fixed shapes, no host synchronisation."""
-
-    def __init__(self, model, opt, cfg: Config, mode: str = "eager", static: bool | None = None,
-                 warmup: int = 3, backend: str = "inductor"):
-        self.model, self.opt, self.cfg, self.mode, self.warmup = model, opt, cfg, mode, warmup
-        self.static = mode != "eager" if static is None else static
-        model.embed.static = self.static                  # no data-dependent shapes in the input layer
-        self.run = torch.compile(self.eager, backend=backend) if mode == "compiled" else self.eager
-        self.done, self.graph, self.inputs, self.loss = 0, None, None, None
-
-    def eager(self, *batch) -> torch.Tensor:
-        loss = training_loss(self.model, self.cfg, *batch, static=self.static)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-    def __call__(self, *batch) -> torch.Tensor:
-        self.done += 1
-        if self.mode != "captured":
-            return self.run(*batch)
-        if self.done <= self.warmup:                  # warm up off the default stream, as capture needs
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self.eager(*batch)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self.graph is None:
-            self.inputs = [x.clone() for x in batch]
-            self.graph = torch.cuda.CUDAGraph()
-            self.opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.loss = training_loss(self.model, self.cfg, *self.inputs, static=True)
-                self.loss.backward()
-                self.opt.step()
-        else:
-            for buf, x in zip(self.inputs, batch):
-                buf.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.loss.detach().clone()
 
 
 # ============================================================================ evaluation
@@ -378,7 +328,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     model = build_student(cfg, ds.n_items, train[2], item_emb).to(device)
     capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, capturable=capture)
-    step = Step(model, opt, cfg, "captured" if capture else "eager")
+    step = Step(training_loss, model, opt, cfg, "captured" if capture else "eager")
     t_ids = t_dist = covered = None
     if use_teacher and cfg.rank_on:
         t_ids, t_dist, covered = teacher_tensors(teacher, len(ds.train), cfg.K, device)
@@ -575,16 +525,9 @@ def cmd_reproduce(args, ds) -> dict:
 # ============================================================================ command line
 def student_flags(p) -> None:
     """The options of every command that trains students: Config's flags and the run's."""
-    def names(text):
-        chosen = [s for s in text.split(",") if s]
-        bad = [s for s in chosen if s not in students.STUDENTS]
-        if bad or not chosen:
-            raise ValueError(text)
-        return chosen
-    names.__name__ = f"list of students ({','.join(students.STUDENTS)})"
-    p.add_argument("--students", type=names, default=list(students.STUDENTS),
+    p.add_argument("--students", type=choice_list(students.STUDENTS), default=list(students.STUDENTS),
                    help=f"comma-separated, from {','.join(students.STUDENTS)}")
-    p.add_argument("--seeds", type=lambda v: int(v) if int(v) >= 1 else int("x"), default=1,
+    p.add_argument("--seeds", type=checked(int, at_least(1)), default=1,
                    help="number of seeds, from --seed (mean and std reported)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
@@ -607,8 +550,7 @@ def parse_args(argv=None):
     student_flags(t)
     t.add_argument("--teacher", help="teacher cache folder, or a folder of the official files")
     t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
-    t.add_argument("--ablations", type=lambda s: [a for a in s.split(",") if a], default=[],
-                   help=f"comma-separated, from {','.join(ABLATIONS)}")
+    t.add_argument("--ablations", type=choice_list(ABLATIONS), default=[], help=f"comma-separated, from {','.join(ABLATIONS)}")
     r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
                                                            "DLLM2Rec (the default command)")
     student_flags(r)
@@ -623,9 +565,6 @@ def parse_args(argv=None):
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["reproduce", *argv]            # no command: reproduce, with the options given
     args = p.parse_args(argv)
-    unknown = set(getattr(args, "ablations", [])) - set(ABLATIONS)
-    if unknown:
-        p.error(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
     if hasattr(args, "gammas"):              # checks across fields (Config.__post_init__), before any work
         try:
             config_from_args(args)
@@ -639,29 +578,20 @@ def main(argv=None):
     """Parse, check what can be checked before any work (options, --out, --device, the data),
     run the command; a bad input ends in one line naming the file or option (-v: traceback)."""
     args = parse_args(argv)
-    try:
-        for flag in ("out",):
-            if args.command not in ("export-official",):
-                check_writable(getattr(args, flag, None), f"--{flag}")
+
+    def run():
+        if args.command != "export-official":            # there --out is a folder
+            check_writable(getattr(args, "out", None), "--out")
         if getattr(args, "device", None) is not None:
             pick_device(args.device)
-        ds = data.from_args(args) if hasattr(args, "dataset") else None
-        return args.run(args, ds)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    except (OSError, ValueError, RuntimeError, KeyError, IndexError) as e:   # torch, numpy, the OS
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
-        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        sys.exit(f"error: {where}{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                 + ("" if getattr(args, "verbose", False) else " (-v shows the traceback)"))
+        return args.run(args, data.from_args(args) if hasattr(args, "dataset") else None)
+    return at_the_boundary(run, getattr(args, "verbose", False))
 
 
 # what the diagnostics (mechanism, bench, compare-teachers) use of the method: passed to them,
 # so that no module imports this one
 METHOD = SimpleNamespace(Config=Config, fit=fit, config_from_args=config_from_args, training_loss=training_loss,
                          build_student=build_student, target_ranks=target_ranks, train_students=train_students,
-                         Step=Step,
                          save_results=save_results, mean_std=mean_std)
 
 

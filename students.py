@@ -28,8 +28,7 @@ class ItemEmbedding(nn.Module):
     the padding id embeds to zero.
     """
 
-    def __init__(self, n_items: int, dim: int, teacher_emb: torch.Tensor | None = None,
-                 ed_weight: float = 0.3, use_offset: bool = True):
+    def __init__(self, n_items: int, dim: int, teacher_emb: torch.Tensor | None, ed_weight: float, use_offset: bool):
         super().__init__()
         self.n_items = n_items
         self.offset = nn.Embedding(n_items + 2, dim) if (use_offset or teacher_emb is None) else None
@@ -64,8 +63,8 @@ class ItemEmbedding(nn.Module):
 class Student(nn.Module):
     """Shared parts: input embedding, dropout, untied output layer Linear(d, n_items)."""
 
-    def __init__(self, n_items: int, dim: int = 64, dropout: float = 0.1, max_len: int = 10,
-                 teacher_emb: torch.Tensor | None = None, ed_weight: float = 0.3, use_offset: bool = True):
+    def __init__(self, n_items: int, *, dim: int, dropout: float, max_len: int, teacher_emb: torch.Tensor | None = None,
+                 ed_weight: float = 0.0, use_offset: bool = True):
         super().__init__()
         self.n_items, self.dim, self.max_len = n_items, dim, max_len
         self.embed = ItemEmbedding(n_items, dim, teacher_emb, ed_weight, use_offset)
@@ -162,7 +161,11 @@ class SASRec(Student):
 
 
 # ----------------------------------------------------------------------------- CL4SRec
-def augment_crop(hist, lens, pad: int, eta: float = 0.6):
+# CL4SRec's settings (Xie et al., ICDE 2022), written once
+CROP_ETA, MASK_GAMMA, REORDER_BETA, CL_WEIGHT, CL_TAU = 0.6, 0.3, 0.6, 0.1, 1.0
+
+
+def augment_crop(hist, lens, pad: int, eta: float):
     """A random contiguous crop of floor(eta * len) items (at least 1), right-padded."""
     B, L = hist.shape
     keep = (eta * lens).floor().long().clamp(min=1).minimum(lens.clamp(min=1))
@@ -173,7 +176,7 @@ def augment_crop(hist, lens, pad: int, eta: float = 0.6):
     return torch.where(pos < keep.unsqueeze(1), out, torch.full_like(out, pad)), torch.where(lens > 0, keep, lens)
 
 
-def augment_mask(hist, lens, mask_id: int, gamma: float = 0.3):
+def augment_mask(hist, lens, mask_id: int, gamma: float):
     """Replace floor(gamma * len) randomly chosen real items by the mask token."""
     B, L = hist.shape
     pos = torch.arange(L, device=hist.device)
@@ -184,7 +187,7 @@ def augment_mask(hist, lens, mask_id: int, gamma: float = 0.3):
     return torch.where(hit, torch.full_like(hist, mask_id), hist), lens
 
 
-def augment_reorder(hist, lens, beta: float = 0.6):
+def augment_reorder(hist, lens, beta: float):
     """Shuffle a random contiguous span of floor(beta * len) items."""
     B, L = hist.shape
     span = (beta * lens).floor().long()
@@ -199,7 +202,8 @@ def augment_reorder(hist, lens, beta: float = 0.6):
 def augment_pair(hist, lens, pad: int, mask_id: int):
     """Two views per row, made by two distinct methods out of crop, mask, reorder.
     Returns new tensors; the inputs are never modified."""
-    views = [augment_crop(hist, lens, pad), augment_mask(hist, lens, mask_id), augment_reorder(hist, lens)]
+    views = [augment_crop(hist, lens, pad, CROP_ETA), augment_mask(hist, lens, mask_id, MASK_GAMMA),
+             augment_reorder(hist, lens, REORDER_BETA)]
     B = hist.shape[0]
     first = torch.randint(0, 3, (B,), device=hist.device)
     second = (first + torch.randint(1, 3, (B,), device=hist.device)) % 3   # != first
@@ -211,7 +215,7 @@ def augment_pair(hist, lens, pad: int, mask_id: int):
     return out
 
 
-def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     """InfoNCE over 2N views: view i's positive is its twin, the other 2N-2 are negatives."""
     z = torch.cat([z1, z2])                                   # [2N, d]
     sim = z @ z.T / tau                                       # [2N, 2N]
@@ -224,9 +228,9 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 1.0) -> torch.Tens
 class CL4SRec(SASRec):
     """SASRec + cl_weight * InfoNCE between two augmented views of each history."""
 
-    def __init__(self, n_items, cl_weight: float = 0.1, tau: float = 1.0, **kw):
+    def __init__(self, n_items, **kw):
         super().__init__(n_items, **kw)
-        self.cl_weight, self.tau = cl_weight, tau
+        self.cl_weight, self.tau = CL_WEIGHT, CL_TAU
 
     def extra_loss(self, hist, lens, h, target, scores_all=None):
         (h1, l1), (h2, l2) = augment_pair(hist, lens, self.n_items, self.n_items + 1)
@@ -264,7 +268,7 @@ class DroNormaliser(torch.autograd.Function):
         return g_y, None
 
 
-def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float = 1.0,
+def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float,
              parts=None) -> torch.Tensor:
     """L_DRO(s, t) = log sum_j exp(ps_j (y_sj - 1[j = t])^2 / beta) for each row s and each
     target column. scores [B, n], targets [B, m] -> [B, m]. parts: DroNormaliser's output
@@ -286,15 +290,16 @@ def dro_ps(target_counts: torch.Tensor) -> torch.Tensor:
     return (c / c.sum()).pow(0.05).float()
 
 
+DRO_BETA = 1.0   # DROS's robust radius beta (Yang et al., SIGIR 2023)
+
+
 class DROS(SASRec):
     """SASRec + alpha * mean_s L_DRO(s) with the row's target (DROS, SIGIR 2023)."""
 
-    def __init__(self, n_items, target_counts: torch.Tensor | None = None, alpha: float = 0.5,
-                 beta: float = 1.0, **kw):
+    def __init__(self, n_items, *, target_counts: torch.Tensor, alpha: float, **kw):
         super().__init__(n_items, **kw)
-        counts = target_counts if target_counts is not None else torch.zeros(n_items)
-        self.register_buffer("ps", dro_ps(counts))
-        self.alpha, self.beta = alpha, beta
+        self.register_buffer("ps", dro_ps(target_counts))
+        self.alpha, self.beta = alpha, DRO_BETA
 
     def dro_terms(self, scores_all: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """L_DRO(s, t) for each column of targets [B, m] (the normaliser once per row) -> [B, m]."""
@@ -305,7 +310,7 @@ class DROS(SASRec):
         return self.alpha * self.dro_terms(scores_all, target.unsqueeze(1)).mean()
 
 
-def make_student(name: str, n_items: int, target_counts=None, alpha: float = 0.5, **kw) -> Student:
+def make_student(name: str, n_items: int, target_counts: torch.Tensor, alpha: float, **kw) -> Student:
     """kw: dim, dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
     if name == "dros":
         return DROS(n_items, target_counts=target_counts, alpha=alpha, **kw)

@@ -69,11 +69,20 @@ def write_official(folder, titles_fmt, rows, n_items):
         (folder / f"{split}_data.csv").write_text("seq,len_seq,next\n" + body)
 
 
+def student(cls, n_items, **kw):
+    """A student sized as Config says (the one source of the defaults)."""
+    cfg = D.Config()
+    base = {"dim": cfg.dim, "dropout": cfg.dropout, "max_len": data.MAX_HISTORY, "ed_weight": cfg.ed_weight}
+    if cls is S.DROS:
+        base.update(target_counts=torch.zeros(n_items), alpha=cfg.alpha)
+    return cls(n_items, **{**base, **kw})
+
+
 class FixedScores(S.Student):
     """A 'model' that returns given score rows, to check the metrics."""
 
     def __init__(self, scores):
-        super().__init__(scores.shape[1])
+        super().__init__(scores.shape[1], dim=1, dropout=0.0, max_len=data.MAX_HISTORY)
         self.table = scores
 
     def encode(self, hist, lens):
@@ -330,7 +339,7 @@ def test_ml100k_protocol(ml100k):
 def test_sasrec_last_position_equals_every_position_version():
     torch.manual_seed(0)
     for cls in (S.SASRec, S.CL4SRec, S.DROS):
-        m = cls(50, teacher_emb=torch.randn(50, 16)).eval()
+        m = student(cls, 50, teacher_emb=torch.randn(50, 16)).eval()
         hist, lens = padded_batch(50)
         assert torch.allclose(m(hist, lens), m.encode_all_positions(hist, lens), atol=1e-5)
 
@@ -360,7 +369,7 @@ def official_sasrec_state(m, hist, lens, residual_on_normalised=True):
 def test_sasrec_equals_the_official_layout_on_shared_weights():
     torch.manual_seed(3)
     for cls in (S.SASRec, S.CL4SRec, S.DROS):
-        m = cls(50, teacher_emb=torch.randn(50, 16)).eval()
+        m = student(cls, 50, teacher_emb=torch.randn(50, 16)).eval()
         for p in m.parameters():                  # move LayerNorms and biases off their initial values
             p.data += 0.1 * torch.randn_like(p)
         hist, lens = padded_batch(50, seed=3, min_len=1)
@@ -373,14 +382,14 @@ def test_sasrec_equals_the_official_layout_on_shared_weights():
 
 def test_gru4rec_has_no_dropout():
     torch.manual_seed(0)
-    m = S.GRU4Rec(50, teacher_emb=torch.randn(50, 16), dropout=0.5)
+    m = student(S.GRU4Rec, 50, teacher_emb=torch.randn(50, 16), dropout=0.5)
     hist, lens = padded_batch(50, min_len=1)
     assert torch.equal(m.train()(hist, lens), m.eval()(hist, lens))
 
 
 def test_gru4rec_ignores_padding_and_items_after_the_last():
     torch.manual_seed(0)
-    m = S.GRU4Rec(50).eval()
+    m = student(S.GRU4Rec, 50).eval()
     hist, lens = padded_batch(50, min_len=1)
     other = hist.clone()
     other[torch.arange(10) >= lens[:, None]] = 3             # garbage instead of padding
@@ -390,7 +399,7 @@ def test_gru4rec_ignores_padding_and_items_after_the_last():
 
 
 def test_score_equals_full_scores_gathered():
-    m = S.SASRec(50)
+    m = student(S.SASRec, 50)
     h = torch.randn(6, 64)
     items = torch.randint(0, 50, (6, 3))
     assert torch.allclose(m.score(h, items), m.score_all(h).gather(1, items), atol=1e-5)
@@ -398,13 +407,13 @@ def test_score_equals_full_scores_gathered():
 
 def test_item_embedding_is_offset_plus_projected_teacher():
     z = torch.randn(20, 12)
-    e = S.ItemEmbedding(20, 8, z, ed_weight=0.3)
+    e = S.ItemEmbedding(20, 8, z, 0.3, use_offset=True)
     items = torch.tensor([[0, 5, 20]])                       # 20 = padding
     out = e(items)
     want = e.offset.weight[[0, 5]] + 0.3 * (z[[0, 5]] @ e.g.weight.T + e.g.bias)
     assert torch.allclose(out[0, :2], want, atol=1e-6)
     assert (out[0, 2] == 0).all()
-    no_off = S.ItemEmbedding(20, 8, z, ed_weight=0.3, use_offset=False)
+    no_off = S.ItemEmbedding(20, 8, z, 0.3, use_offset=False)
     assert no_off.offset is None
     assert torch.allclose(no_off(items)[0, 1], no_off.g(z[5]), atol=1e-6)   # the paper's e_i = g(z_i)
 
@@ -413,9 +422,9 @@ def test_augmentations_copy_and_keep_their_promises():
     n, pad, mask_id = 50, 50, 51
     hist, lens = padded_batch(n, B=200, seed=3)
     before = (hist.clone(), lens.clone())
-    crop, c_len = S.augment_crop(hist, lens, pad)
-    masked, _ = S.augment_mask(hist, lens, mask_id)
-    reord, _ = S.augment_reorder(hist, lens)
+    crop, c_len = S.augment_crop(hist, lens, pad, S.CROP_ETA)
+    masked, _ = S.augment_mask(hist, lens, mask_id, S.MASK_GAMMA)
+    reord, _ = S.augment_reorder(hist, lens, S.REORDER_BETA)
     views = S.augment_pair(hist, lens, pad, mask_id)
     assert torch.equal(hist, before[0]) and torch.equal(lens, before[1])   # inputs untouched
     for i in range(len(lens)):
@@ -476,7 +485,7 @@ def test_dro_loss_stable_for_large_scores_in_float32():
     y[:, 7] = 40.0                                           # exp(ps * 1600) overflows
     ps = torch.full((50,), 0.6, dtype=torch.float64)
     targets = torch.tensor([[7, 1], [2, 7], [7, 7]])
-    fast = S.dro_loss(y.float(), targets, ps.float())
+    fast = S.dro_loss(y.float(), targets, ps.float(), 1.0)
     assert torch.isfinite(fast).all()
     assert torch.allclose(fast.double(), direct_dro(y, targets, ps), rtol=1e-5)
 
@@ -589,7 +598,7 @@ def test_training_loss_composes_the_terms_of_spec():
     target = torch.randint(0, n, (B,), generator=torch.Generator().manual_seed(5))
     t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
     t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
-    model = S.DROS(n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
+    model = student(S.DROS, n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
     cfg = D.Config(student="dros", distill=True)
     torch.manual_seed(7)
     loss = D.training_loss(model, cfg, hist, lens, target, t_ids, t_dist)
@@ -598,7 +607,6 @@ def test_training_loss_composes_the_terms_of_spec():
     with torch.no_grad():
         y = model.score_all(model(hist, lens)).double()
     ps = model.ps.double()
-    sig = torch.sigmoid
     # BCE with ONE mean over the 2B logits, as the official nn.BCEWithLogitsLoss on cat(pos, neg)
     base = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.cat([y.gather(1, target[:, None]), y.gather(1, neg[:, None])]), torch.cat([torch.ones(B, 1), torch.zeros(B, 1)]).double())
@@ -654,7 +662,7 @@ def test_official_protocol_selects_on_test_with_dropout_on_and_samples_batches()
     r = D.fit(ds, cfg, log=lambda *a: None)
     assert r["selected_on"] == "test"
     assert r["test"]["NDCG@20"] == max(e["test"]["NDCG@20"] for e in r["epochs"])
-    m = S.SASRec(40, dropout=0.5)
+    m = student(S.SASRec, 40, dropout=0.5)
     hist, lens, target = D.to_tensors(ds.test, "cpu")
     torch.manual_seed(1)
     on = D.target_ranks(m, hist, lens, target, dropout_on=True)
@@ -680,7 +688,7 @@ def run_steps(student, mode, device, steps=3, backend="inductor"):
     torch.manual_seed(0)
     model = D.build_student(cfg, ds.n_items, torch.as_tensor(ds.train.target), torch.as_tensor(t.item_emb)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
-    step = D.Step(model, opt, cfg, mode, static=True, warmup=1, backend=backend)
+    step = D.Step(D.training_loss, model, opt, cfg, mode, static=True, warmup=1, backend=backend)
     ids, dist, covered = D.teacher_tensors(t, len(ds.train), cfg.K, device)
     train = D.to_tensors(ds.train, device)
     torch.manual_seed(5)
