@@ -194,7 +194,7 @@ def at_the_boundary(run, verbose: bool):
         return run()
     except UserError as e:
         sys.exit(f"error: {e}")
-    except (OSError, ValueError, RuntimeError, KeyError, IndexError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, ArithmeticError) as e:
         if verbose:
             traceback.print_exc()
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
