@@ -90,7 +90,6 @@ def write_cache(folder, dataset, item_emb: np.ndarray, splits: dict[str, TopN], 
     atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
 
-
 # ----------------------------------------------------------------------------- reading
 def read_cache(folder, dataset) -> TeacherOutputs:
     folder = Path(folder)
@@ -119,8 +118,6 @@ def read_cache(folder, dataset) -> TeacherOutputs:
     out = TeacherOutputs(item_emb, splits, manifest, str(folder))
     check_teacher(out, dataset)
     return out
-
-
 
 
 def read_official(folder, dataset) -> TeacherOutputs:
@@ -252,15 +249,11 @@ def _read_matrix(path: Path, dtype) -> np.ndarray:
     return m.astype(dtype)
 
 
-
-
 # ============================================================================ the teacher's own metrics
 def answer_title(text: str) -> str:
     """The title inside the first pair of quotes of a generated answer, else the stripped text."""
     parts = text.split('"')
     return parts[1].strip() if len(parts) >= 3 else text.strip().strip('"').strip()
-
-
 
 
 def title_match_share(texts, titles: list[str]) -> float:

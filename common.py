@@ -172,8 +172,9 @@ def add_flags(parser, cls, only=None) -> None:
 
 
 def from_args(cls, args, **over):
-    """An instance of the dataclass cls from the parsed flags it generated, then overrides."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    """An instance of the dataclass cls from the parsed flags it generated (fields without a
+    flag keep their defaults: another stage's --seed is not this one's), then overrides."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if "help" in f.metadata and hasattr(args, f.name)}
     for name, value in given.items():
         if isinstance(value, list) and isinstance(getattr(cls, name, None), tuple):
             given[name] = tuple(value)

@@ -59,7 +59,6 @@ def cmd_mechanism(args, ds, method) -> dict:
     return out
 
 
-
 # ============================================================================ teachers side by side
 def cmd_compare(args, ds, method) -> dict:
     """Teachers and undistilled students on the same validation and test rows: each teacher's
@@ -92,7 +91,6 @@ def cmd_compare(args, ds, method) -> dict:
         print(f"{label:24} {cells[0]}   {cells[1]}")
     method.save_results(args, ds, runs, {}, teachers=dict(zip(teachers, args.teachers)), compare=table)
     return table
-
 
 
 # ============================================================================ training-step benchmark

@@ -91,8 +91,6 @@ def history_text(titles: list[str]) -> str:
     return ", ".join(f'"{t}"' for t in titles)
 
 
-
-
 # ============================================================================ grounding
 def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024):
     """The top_n items nearest to each generated embedding in L2, nearest first.
@@ -110,7 +108,6 @@ def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024
     if not ids:
         return np.zeros((0, top_n), np.int64), np.zeros((0, top_n), np.float32)
     return np.concatenate(ids).astype(np.int64), np.concatenate(dist)
-
 
 
 # ============================================================================ a resumable, shardable run
@@ -190,6 +187,8 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
     i, n = st.shard_of
     todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not chunk_path(work, p[0], p[1]).exists()]
     bars = {s: Progress(sum(len(p[2]) for _, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
+    if not todo:
+        check_identity(work, ident)                # this shard's part is done (or empty)
     llm = None
     try:
         for c, (split, k, idx) in todo:
@@ -268,8 +267,6 @@ def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings) -> TeacherOutp
     return assemble(ds, cache, st)
 
 
-
-
 # ============================================================================ throughput
 def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> dict:
     """llama.cpp's own prompt and generation rates on this model (pp512, tg128 as llama-bench
@@ -308,8 +305,6 @@ def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> 
             "generated_tokens_per_row": st_["generated_tokens"] / rows, "embedded_tokens_per_row": st_["embedded_tokens"] / rows,
             "prompt_tokens_per_s": full_prompt * rows / t_rows, "generated_tokens_per_s": st_["generated_tokens"] / t_rows,
             "bound_rows_per_s": bound, "fraction_of_bound": rows / t_rows / bound}
-
-
 
 
 # ============================================================================ commands

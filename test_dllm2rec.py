@@ -846,6 +846,7 @@ def test_each_command_keeps_its_own_defaults():
     assert (get("reproduce").epochs, get("reproduce").patience) == (D.Config.epochs, D.Config.patience)
     assert (get("mechanism").epochs, get("mechanism").students) == (5, ["sasrec"])
     assert get("train", "--official").official and not get("train").official_weights
+    assert D.from_args(T.TeacherSettings, get("reproduce", "--seed", "3")).seed == 0   # the students' seed only
     assert get("compare-teachers", "x").students == ["sasrec", "dros"]
 
 
