@@ -125,7 +125,7 @@ class SASRec(Student):
         self.ln_1, self.ln_2, self.ln_ff, self.ln_3 = (nn.LayerNorm(d) for _ in range(4))
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         self.w_1, self.w_2 = nn.Linear(d, d), nn.Linear(d, d)
-        self.attn_dropout = kw.get("dropout", 0.1)
+        self.attn_dropout = kw["dropout"]
 
     def inputs(self, hist):
         """Item + position embeddings, dropout, padding zeroed: [B, L] -> [B, L, d], real [B, L]."""
