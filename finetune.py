@@ -22,7 +22,7 @@ import torch.utils.checkpoint
 
 import teacher as teacher_io
 from cache import TeacherError
-from common import add_flags, at_least, atomic_write, check_writable, from_args, opt, pick_device, positive, write_json
+from common import add_flags, at_least, fraction, atomic_write, check_writable, from_args, opt, pick_device, positive, write_json
 
 
 @dataclass
@@ -212,7 +212,7 @@ class FinetuneSettings:
     epochs: int = opt(1, "epochs", at_least(1))
     r: int = opt(8, "LoRA rank", at_least(1))
     lora_alpha: float = opt(16.0, "LoRA alpha (the update is scaled by alpha / r)", positive)
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input", lambda v: None if 0 <= v < 1 else "must be in [0, 1)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input", fraction)
     lr: float = opt(1e-4, "AdamW learning rate", positive)
     batch_size: int = opt(8, "sequences per step", at_least(1))
     seed: int = opt(0, "random seed", at_least(0))
