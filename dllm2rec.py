@@ -498,10 +498,10 @@ def cmd_reproduce(args, ds) -> dict:
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
     runs = train_students(ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device, subsets)
     summary = summarise(runs)
-    covered = len(teacher.splits["train"].rows)
+    covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
     floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}
     print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
-          f"({covered / len(ds.train):.1%}), outputs checksum {cache.checksum(teacher)}")
+          f"({covered / len(ds.train):.1%}), outputs checksum {checksum}")
     print(format_table(summary, floor))
     test, pop = teacher_eval["test"], popularity_metrics(ds, subsets["teacher_test_rows"])
     print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher {test['HR@20']:.4f} / "
@@ -517,7 +517,7 @@ def cmd_reproduce(args, ds) -> dict:
     print("\nseconds per user at inference: " + ", ".join(f"{k} {v:.1e}" for k, v in latency.items() if v))
     save_results(args, ds, runs, summary, floor=floor, latency=latency, teacher={
         "cache": str(path), "eval": teacher_eval, "manifest": teacher.manifest, "covered_train_rows": covered,
-        "checksum": cache.checksum(teacher)})
+        "checksum": checksum})
     print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
     return {"summary": summary, "runs": runs, "teacher": teacher_eval}
 
