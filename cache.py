@@ -178,6 +178,7 @@ def export_official(teacher: TeacherOutputs, folder, dataset) -> None:
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
 
+
 def load_teacher(path, dataset) -> TeacherOutputs:
     """A teacher cache folder (manifest.json) or a folder of official files."""
     path = Path(path)
@@ -218,6 +219,18 @@ def check_teacher(t: TeacherOutputs, dataset) -> None:
         if declared and (declared.get("rows") != n_rows or declared.get("covered") != len(s.rows)):
             raise TeacherError(f"{where}: manifest says {declared}, files hold {len(s.rows)} of {n_rows} rows")
 
+
+
+def per_training_row(t: TeacherOutputs, n_rows: int, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's top-K per training row: ids [n_rows, K], distances [n_rows, K] float32,
+    covered [n_rows] bool; a row the teacher did not run on gets zeros and covered False."""
+    s = t.splits["train"]
+    if s.ids.shape[1] < K:
+        raise TeacherError(f"{t.source}: the teacher kept top-{s.ids.shape[1]}, distillation needs K={K}")
+    ids, dist = np.zeros((n_rows, K), dtype=np.int64), np.zeros((n_rows, K), dtype=np.float32)
+    covered = np.zeros(n_rows, dtype=bool)
+    ids[s.rows], dist[s.rows], covered[s.rows] = s.ids[:, :K], s.dist[:, :K], True
+    return ids, dist, covered
 
 def _load(path: Path, read):
     if not path.exists():

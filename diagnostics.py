@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import cache
+import cli
 import data
 import teacher as teacher_llm
 from common import Step, pick_device, write_json
@@ -172,17 +173,17 @@ def cmd_bench(args, ds, method) -> dict:
 
 
 # ============================================================================ commands
-def add_commands(sub, parent, student_flags, method) -> dict:
+def add_commands(sub, parent, method) -> dict:
     """mechanism, bench and compare-teachers on the subparsers sub; {name: function(args, ds)}."""
     mc = sub.add_parser("mechanism", parents=[parent],
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
-    student_flags(mc)
+    cli.student_flags(mc, method.Config)
     mc.add_argument("--qualities", type=float, nargs="+", default=[1.0, 0.3, 0.0],
                     help="from 1 (knows the held-out transitions) to 0 (random)")
     mc.set_defaults(students=["sasrec"], epochs=5, patience=5)
     c = sub.add_parser("compare-teachers", parents=[parent],
                        help="teachers and undistilled students on the same validation and test rows")
-    student_flags(c)
+    cli.student_flags(c, method.Config)
     c.add_argument("teachers", nargs="+", help="teacher cache folders (made with the same --teacher-eval-rows)")
     c.set_defaults(students=["sasrec", "dros"])
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")

@@ -18,20 +18,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cache
+import cli
 import data
 import diagnostics
 import finetune
 import students
 import teacher as teacher_llm
-from common import (Parser, Step, UserError, add_flags, at_least, at_the_boundary, check_writable, checked,
-                    choice_list, fraction, from_args, non_negative, opt, pick_device, positive, write_json)
+from common import Step, UserError, add_flags, at_least, choice_list, fraction, from_args, non_negative, opt, \
+    pick_device, positive, write_json
 
 KS = (5, 10, 20)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
@@ -286,22 +286,6 @@ def to_tensors(split: data.Split, device):
     return tuple(torch.as_tensor(a, device=device) for a in (split.hist, split.lens, split.target))
 
 
-def teacher_tensors(t: cache.TeacherOutputs, n_rows: int, K: int, device):
-    """Per training row: top-K ids [N, K], distances [N, K], covered [N] (rows without the
-    teacher get zeros and covered=False)."""
-    s = t.splits["train"]
-    if s.ids.shape[1] < K:
-        raise cache.TeacherError(f"{t.source}: the teacher kept top-{s.ids.shape[1]}, distillation needs K={K}")
-    ids = torch.zeros(n_rows, K, dtype=torch.long)
-    dist = torch.zeros(n_rows, K)
-    covered = torch.zeros(n_rows, dtype=torch.bool)
-    rows = torch.as_tensor(s.rows)
-    ids[rows] = torch.as_tensor(s.ids[:, :K])
-    dist[rows] = torch.as_tensor(s.dist[:, :K], dtype=torch.float32)
-    covered[rows] = True
-    return ids.to(device), dist.to(device), covered.to(device)
-
-
 def epoch_batches(n: int, cfg: Config, device, full_only: bool) -> list[torch.Tensor]:
     """Row indices of each step. Ours: a random permutation, every row once per epoch (full_only,
     for the captured step: the last n mod B rows of the permutation are left out, other rows
@@ -331,7 +315,8 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     step = Step(training_loss, model, opt, cfg, "captured" if capture else "eager")
     t_ids = t_dist = covered = None
     if use_teacher and cfg.rank_on:
-        t_ids, t_dist, covered = teacher_tensors(teacher, len(ds.train), cfg.K, device)
+        t_ids, t_dist, covered = (torch.as_tensor(a, device=device)
+                                  for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
     select_on = "test" if cfg.official_protocol else "val"
     history, best, bad_epochs, t_train, t_eval = [], None, 0, 0.0, 0.0
     for epoch in range(1, cfg.epochs + 1):
@@ -522,77 +507,32 @@ def cmd_reproduce(args, ds) -> dict:
     return {"summary": summary, "runs": runs, "teacher": teacher_eval}
 
 
-# ============================================================================ command line
-def student_flags(p) -> None:
-    """The options of every command that trains students: Config's flags and the run's."""
-    p.add_argument("--students", type=choice_list(students.STUDENTS), default=list(students.STUDENTS),
-                   help=f"comma-separated, from {','.join(students.STUDENTS)}")
-    p.add_argument("--seeds", type=checked(int, at_least(1)), default=1,
-                   help="number of seeds, from --seed (mean and std reported)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every epoch; tracebacks of errors")
-    add_flags(p.add_argument_group("student training"), Config, only=[n for n in Config.__dataclass_fields__
-                                                                      if not n.startswith("official")])
-    o = p.add_argument_group("the official code's numerics and protocol (README: differences)")
-    o.add_argument("--official", action="store_true", help="all four switches below")
-    add_flags(o, Config, only=OFFICIAL_SWITCHES)
-
-
-def parse_args(argv=None):
-    p = Parser(prog="dllm2rec.py", description=__doc__.split("\n")[0],
-               epilog="With no command: reproduce (the whole table on ML-100K).")
-    sub = p.add_subparsers(dest="command")
-    parent = Parser(add_help=False)
-    data.add_flags(parent)
-    commands = {"train": cmd_train, "reproduce": cmd_reproduce}
+def add_commands(sub, parent) -> dict:
+    """train and reproduce on the subparsers sub (parent: the data flags); {name: function(args, ds)}."""
     t = sub.add_parser("train", parents=[parent], help="train students with and without DLLM2Rec")
-    student_flags(t)
+    cli.student_flags(t, Config)
     t.add_argument("--teacher", help="teacher cache folder, or a folder of the official files")
     t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
     t.add_argument("--ablations", type=choice_list(ABLATIONS), default=[], help=f"comma-separated, from {','.join(ABLATIONS)}")
     r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
                                                            "DLLM2Rec (the default command)")
-    student_flags(r)
+    cli.student_flags(r, Config)
     add_flags(r.add_argument_group("teacher"), teacher_llm.TeacherSettings)
     r.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows)")
     r.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
     r.set_defaults(students=None, seeds=None, **REPRODUCE)      # students and seeds: the device's preset
-    commands.update(teacher_llm.add_commands(sub, parent))
-    commands.update(finetune.add_commands(sub, parent))
-    commands.update(diagnostics.add_commands(sub, parent, student_flags, METHOD))
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["reproduce", *argv]            # no command: reproduce, with the options given
-    args = p.parse_args(argv)
-    if hasattr(args, "gammas"):              # checks across fields (Config.__post_init__), before any work
-        try:
-            config_from_args(args)
-        except UserError as e:
-            p.error(str(e))
-    args.run = commands[args.command]
-    return args
+    return {"train": cmd_train, "reproduce": cmd_reproduce}
+
+
+def parse_args(argv=None):
+    method = sys.modules[__name__]      # handed to the diagnostics, so that no module imports this one
+    return cli.parse_args(argv, [add_commands, teacher_llm.add_commands, finetune.add_commands,
+                                 lambda sub, parent: diagnostics.add_commands(sub, parent, method)],
+                          config_from_args, __doc__.split("\n")[0])
 
 
 def main(argv=None):
-    """Parse, check what can be checked before any work (options, --out, --device, the data),
-    run the command; a bad input ends in one line naming the file or option (-v: traceback)."""
-    args = parse_args(argv)
-
-    def run():
-        if args.command != "export-official":            # there --out is a folder
-            check_writable(getattr(args, "out", None), "--out")
-        if getattr(args, "device", None) is not None:
-            pick_device(args.device)
-        return args.run(args, data.from_args(args) if hasattr(args, "dataset") else None)
-    return at_the_boundary(run, getattr(args, "verbose", False))
-
-
-# what the diagnostics (mechanism, bench, compare-teachers) use of the method: passed to them,
-# so that no module imports this one
-METHOD = SimpleNamespace(Config=Config, fit=fit, config_from_args=config_from_args, training_loss=training_loss,
-                         build_student=build_student, target_ranks=target_ranks, train_students=train_students,
-                         save_results=save_results, mean_std=mean_std)
+    return cli.main(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -689,7 +689,7 @@ def run_steps(student, mode, device, steps=3, backend="inductor"):
     model = D.build_student(cfg, ds.n_items, torch.as_tensor(ds.train.target), torch.as_tensor(t.item_emb)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
     step = D.Step(D.training_loss, model, opt, cfg, mode, static=True, warmup=1, backend=backend)
-    ids, dist, covered = D.teacher_tensors(t, len(ds.train), cfg.K, device)
+    ids, dist, covered = (torch.as_tensor(a, device=device) for a in C.per_training_row(t, len(ds.train), cfg.K))
     train = D.to_tensors(ds.train, device)
     torch.manual_seed(5)
     losses = []
@@ -877,9 +877,9 @@ def test_teacher_cache_roundtrip_and_partial_coverage(tmp_path):
     assert back.d_llm == 24 and back.top_n == 12
     assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
     assert back.splits["train"].text[5] == "text 5"
-    ids, dist, covered = D.teacher_tensors(back, len(ds.train), 10, "cpu")
+    ids, dist, covered = C.per_training_row(back, len(ds.train), 10)
     assert covered.sum() == 100 and covered[3] and not covered[4]
-    assert torch.equal(ids[3], torch.as_tensor(t.splits["train"].ids[1, :10]))
+    assert np.array_equal(ids[3], t.splits["train"].ids[1, :10]) and not ids[4].any()
 
 
 @pytest.mark.parametrize("how,message", [("out_of_range", "item ids outside 0..39"), ("nan", "distances contain NaN"),
