@@ -1,18 +1,21 @@
 """The command line of `python dllm2rec.py <command>`: each module adds its own commands; the
 options are checked when parsed, --out and --device before any work starts, and a bad input
-ends the command in one line naming the file or the option (-v: with the traceback).
+ends the command in one line naming the file or the option (-v: with the traceback). The
+student commands' runs (students x variants x seeds) and their results file are made here.
 
 Nothing here imports dllm2rec.py: it passes its commands and its Config in.
 """
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import fields
+from pathlib import Path
 
 import data
 import students
 from common import (Parser, UserError, add_flags, at_least, at_the_boundary, check_writable, checked, choice_list,
-                    pick_device)
+                    from_args, pick_device, write_json)
 
 
 def student_flags(p, Config) -> None:
@@ -31,12 +34,46 @@ def student_flags(p, Config) -> None:
     o = p.add_argument_group("the official code's numerics and protocol (README: differences)")
     o.add_argument("--official", action="store_true", help="all four switches below")
     add_flags(o, Config, only=official)
+    p.set_defaults(Config=Config)
 
 
-def parse_args(argv, registrars, check, description: str, default: str = "reproduce"):
+def config(args, **over):
+    """The student Config of a command line (over: fields the command sets); --official turns
+    on every official_* switch."""
+    if args.official:
+        over = {**{f.name: True for f in fields(args.Config) if f.name.startswith("official_")}, **over}
+    return from_args(args.Config, args, **over)
+
+
+def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> list[dict]:
+    """fit(ds, cfg, teacher, device, log, subsets) for every (student, variant, seed) of the
+    command line; variants: [(name, ablation)], name "base" or "dllm2rec"."""
+    runs = []
+    for student in args.students:
+        for variant, ablation in variants:
+            for seed in range(args.seed, args.seed + args.seeds):
+                cfg = config(args, student=student, distill=variant != "base", ablation=ablation, seed=seed)
+                print(f"{student} {cfg.variant} seed {seed} on {device}", flush=True)
+                r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
+                print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
+                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
+                      f"{r['wall_s']['eval']:.0f}s eval)", flush=True)
+                runs.append(r)
+    return runs
+
+
+def save_results(args, ds, runs, summary, **extra) -> Path:
+    """The results JSON: --out, or results/<dataset>-<time>.json."""
+    out = Path(args.out) if args.out else Path("results") / f"{ds.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:],
+                     "summary": summary, **extra, "runs": runs})
+    print(f"wrote {out}")
+    return out
+
+
+def parse_args(argv, registrars, description: str, default: str = "reproduce"):
     """registrars: functions (subparsers, parent) -> {command: function(args, ds)}, where parent
-    carries the data flags; with no command, `default` runs with the options given.
-    check(args) raises UserError where a student command's options conflict."""
+    carries the data flags; with no command, `default` runs with the options given."""
     p = Parser(prog="dllm2rec.py", description=description, epilog=f"With no command: {default}.")
     sub = p.add_subparsers(dest="command")
     parent = Parser(add_help=False)
@@ -48,9 +85,9 @@ def parse_args(argv, registrars, check, description: str, default: str = "reprod
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = [default, *argv]
     args = p.parse_args(argv)
-    if hasattr(args, "gammas"):                 # Config's checks across fields, before any work
+    if hasattr(args, "Config"):                 # Config's checks across fields, before any work
         try:
-            check(args)
+            config(args)
         except UserError as e:
             p.error(str(e))
     args.run = commands[args.command]

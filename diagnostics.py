@@ -2,7 +2,7 @@
 the training-step benchmark, and the comparison of teachers on the same rows.
 
 They train students with dllm2rec.py's functions, which dllm2rec.py passes in (`method`: fit,
-config_from_args, training_loss, ...), so that imports run one way: dllm2rec.py on top.
+training_loss, ...), so that imports run one way: dllm2rec.py on top.
 The official code's timings are in the README, not here: figures vary 2x between days.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def cmd_mechanism(args, ds, method) -> dict:
           f"minutes on a CPU), selected on validation; test NDCG@20")
     counts = cache.transition_counts(ds)
     student = args.students[0]
-    base_runs = [method.fit(ds, method.config_from_args(args, student=student, seed=args.seed + i), None, device, log=lambda *_: None)
+    base_runs = [method.fit(ds, cli.config(args, student=student, seed=args.seed + i), None, device, log=lambda *_: None)
                  for i in range(max(2, args.seeds))]
     base, base_std = method.mean_std([r["test"]["NDCG@20"] for r in base_runs])
     print(f"base {student}: NDCG@20 {base:.4f} ± {base_std:.4f} over {len(base_runs)} seeds "
@@ -46,7 +46,7 @@ def cmd_mechanism(args, ds, method) -> dict:
         t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
         cells = []
         for label, ablation in MECHANISM_VARIANTS:
-            rs = [method.fit(ds, method.config_from_args(args, student=student, distill=True, ablation=ablation, seed=args.seed + i),
+            rs = [method.fit(ds, cli.config(args, student=student, distill=True, ablation=ablation, seed=args.seed + i),
                       t, device, log=lambda *_: None) for i in range(args.seeds)]
             m = float(np.mean([r["test"]["NDCG@20"] for r in rs]))
             table.setdefault(str(q), {})[label] = m
@@ -80,7 +80,7 @@ def cmd_compare(args, ds, method) -> dict:
     for (label, t), path in zip(teachers.items(), args.teachers):
         print(f"{label}: {path}")
         table[label] = teacher_llm.report(t, ds)
-    runs = method.train_students(ds, None, args, [("base", "none")], device, subsets)
+    runs = cli.train_students(method.fit, ds, None, args, [("base", "none")], device, subsets)
     for r in runs:
         table[f"{r['config']['student']} seed {r['config']['seed']} (epoch {r['selected_epoch']})"] = r["subsets"]
     print(f"\n{'':24} {'validation (' + str(len(subsets['val'])) + ' rows)':>26}   "
@@ -90,7 +90,7 @@ def cmd_compare(args, ds, method) -> dict:
         cells = [f"{m[sp]['HR@20']:8.4f} {m[sp]['NDCG@20']:8.4f} " +
                  (f"{m[sp]['title_match']:8.1%}" if "title_match" in m[sp] else f"{'':8}") for sp in ("val", "test")]
         print(f"{label:24} {cells[0]}   {cells[1]}")
-    method.save_results(args, ds, runs, {}, teachers=dict(zip(teachers, args.teachers)), compare=table)
+    cli.save_results(args, ds, runs, {}, teachers=dict(zip(teachers, args.teachers)), compare=table)
     return table
 
 

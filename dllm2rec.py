@@ -17,7 +17,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,8 +29,8 @@ import diagnostics
 import finetune
 import students
 import teacher as teacher_llm
-from common import Step, UserError, add_flags, at_least, choice_list, fraction, from_args, non_negative, opt, \
-    pick_device, positive, write_json
+from common import Step, UserError, add_flags, at_least, choice_list, fraction, non_negative, opt, \
+    pick_device, positive
 
 KS = (5, 10, 20)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
@@ -167,7 +166,6 @@ class Config:
         return tuple(0.0 if self.ablation == name else g for g, name in zip(self.gammas, ("no_wp", "no_wc", "no_wo")))
 
 
-OFFICIAL_SWITCHES = ("official_weights", "official_neg", "official_dro", "official_protocol")
 # The single command's settings: a preset of overrides. On a CPU it trains the students and
 # seeds that fit about 20 minutes on 2 cores; on CUDA the full protocol.
 REPRODUCE = {"train_rows": 512, "eval_rows": 128}   # TeacherSettings: --teacher-rows, --teacher-eval-rows
@@ -301,64 +299,53 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     epochs without improvement; report test at the selected epoch (official protocol: select
     and stop on test, evaluate with dropout on). subsets: {name: data.Split} also evaluated
     at every selected epoch (the reproduction passes the test rows the teacher covered)."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    train, val, test = (to_tensors(s, device) for s in (ds.train, ds.val, ds.test))
-    extra = {name: to_tensors(s, device) for name, s in (subsets or {}).items()}
-    use_teacher = cfg.distill and teacher is not None
     if cfg.distill and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
-    item_emb = torch.as_tensor(teacher.item_emb) if use_teacher else None
+    teacher = teacher if cfg.distill else None
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    train = to_tensors(ds.train, device)
+    split = {"val": to_tensors(ds.val, device), "test": to_tensors(ds.test, device)}
+    extra = {name: to_tensors(s, device) for name, s in (subsets or {}).items()}
+    item_emb = torch.as_tensor(teacher.item_emb) if teacher is not None else None
     model = build_student(cfg, ds.n_items, train[2], item_emb).to(device)
     capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, capturable=capture)
     step = Step(training_loss, model, opt, cfg, "captured" if capture else "eager")
-    t_ids = t_dist = covered = None
-    if use_teacher and cfg.rank_on:
-        t_ids, t_dist, covered = (torch.as_tensor(a, device=device)
-                                  for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
-    select_on = "test" if cfg.official_protocol else "val"
-    history, best, bad_epochs, t_train, t_eval = [], None, 0, 0.0, 0.0
+    tt = ()                                           # per training row: the teacher's top-K ids, distances, covered
+    if teacher is not None and cfg.rank_on:
+        tt = tuple(torch.as_tensor(a, device=device) for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
+    select_on, other = ("test", "val") if cfg.official_protocol else ("val", "test")
+    history, best, bad_epochs = [], None, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         total, rows = torch.zeros((), device=device), 0
         for idx in epoch_batches(len(ds.train), cfg, device, full_only=capture):
-            batch = [x[idx] for x in train]
-            tb = (t_ids[idx], t_dist[idx], covered[idx]) if t_ids is not None else ()
-            total += step(*batch, *tb) * len(idx)      # no per-step sync with the GPU
+            total += step(*(x[idx] for x in train + tt)) * len(idx)      # no per-step sync with the GPU
             rows += len(idx)
-        total = total.item() / rows
+        loss = total.item() / rows
         t1 = time.perf_counter()
-        e = {"epoch": epoch, "loss": total}
-        e[select_on] = evaluate(model, val if select_on == "val" else test, cfg.official_protocol)
+        e = {"epoch": epoch, "loss": loss, select_on: evaluate(model, split[select_on], cfg.official_protocol)}
         improved = best is None or e[select_on]["NDCG@20"] > best[select_on]["NDCG@20"]
-        if improved or cfg.official_protocol:   # test is only needed where it may be reported
-            other = "test" if select_on == "val" else "val"
-            e[other] = evaluate(model, test if other == "test" else val, cfg.official_protocol)
+        if improved or cfg.official_protocol:   # the other split only where it may be reported
+            e[other] = evaluate(model, split[other], cfg.official_protocol)
             e["subsets"] = {name: evaluate(model, t, cfg.official_protocol) for name, t in extra.items()}
-        t2 = time.perf_counter()
-        t_train += t1 - t0
-        t_eval += t2 - t1
-        history.append({**e, "train_s": round(t1 - t0, 3), "eval_s": round(t2 - t1, 3)})
-        log(f"  epoch {epoch:3d} loss {total:.6f} {select_on} NDCG@20 {e[select_on]['NDCG@20']:.4f} "
-            f"HR@20 {e[select_on]['HR@20']:.4f} ({t1 - t0:.1f}s + {t2 - t1:.1f}s eval)")
-        if not math.isfinite(total):
-            raise FloatingPointError(f"{cfg.student} {cfg.variant}: loss became {total} at epoch {epoch}")
-        if improved:
-            best, bad_epochs = history[-1], 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
+        history.append({**e, "train_s": round(t1 - t0, 3), "eval_s": round(time.perf_counter() - t1, 3)})
+        log(f"  epoch {epoch:3d} loss {loss:.6f} {select_on} NDCG@20 {e[select_on]['NDCG@20']:.4f} "
+            f"HR@20 {e[select_on]['HR@20']:.4f} ({history[-1]['train_s']:.1f}s + {history[-1]['eval_s']:.1f}s eval)")
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{cfg.student} {cfg.variant}: loss became {loss} at epoch {epoch}")
+        best, bad_epochs = (history[-1], 0) if improved else (best, bad_epochs + 1)
+        if bad_epochs >= cfg.patience:
+            break
     return {
         "config": asdict(cfg), "variant": cfg.variant, "seed": cfg.seed, "dataset": ds.name,
-        "fingerprint": ds.fingerprint, "device": str(device),
-        "teacher": (teacher.source if use_teacher else None),
-        "teacher_rows_covered": int(covered.sum()) if covered is not None else None,
-        "epochs": history, "selected_epoch": best["epoch"], "selected_on": select_on,
-        "converged": bad_epochs >= cfg.patience, "val": best["val"], "test": best["test"], "captured_step": capture,
-        "subsets": best["subsets"], "wall_s": {"train": round(t_train, 2), "eval": round(t_eval, 2)},
+        "fingerprint": ds.fingerprint, "device": str(device), "teacher": teacher.source if teacher is not None else None,
+        "teacher_rows_covered": int(tt[2].sum()) if tt else None, "epochs": history,
+        "selected_epoch": best["epoch"], "selected_on": select_on, "converged": bad_epochs >= cfg.patience,
+        "val": best["val"], "test": best["test"], "subsets": best["subsets"], "captured_step": capture,
+        "wall_s": {k: round(sum(e[k + "_s"] for e in history), 2) for k in ("train", "eval")},
     }
 
 
@@ -417,37 +404,6 @@ def format_table(lines: list[dict], floor: dict | None = None) -> str:
 
 
 # ============================================================================ commands
-def config_from_args(args, **over) -> Config:
-    """The Config of a command line: --official turns on every official switch."""
-    if getattr(args, "official", False):
-        over = {**{k: True for k in OFFICIAL_SWITCHES}, **over}
-    return from_args(Config, args, **over)
-
-
-def train_students(ds, teacher, args, variants, device, subsets=None) -> list[dict]:
-    """Every (student, variant, seed) of the command line; variants: [(name, ablation)]."""
-    runs = []
-    for student in args.students:
-        for variant, ablation in variants:
-            for seed in range(args.seed, args.seed + args.seeds):
-                cfg = config_from_args(args, student=student, distill=variant != "base", ablation=ablation, seed=seed)
-                print(f"{student} {cfg.variant} seed {seed} on {device}", flush=True)
-                r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
-                print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
-                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
-                      f"{r['wall_s']['eval']:.0f}s eval)", flush=True)
-                runs.append(r)
-    return runs
-
-
-def save_results(args, ds, runs, summary, **extra) -> Path:
-    out = Path(args.out) if args.out else Path("results") / f"{ds.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:],
-                     "summary": summary, **extra, "runs": runs})
-    print(f"wrote {out}")
-    return out
-
-
 def cmd_train(args, ds) -> dict:
     device = pick_device(args.device)
     teacher = cache.load_teacher(args.teacher, ds) if args.teacher else None
@@ -456,10 +412,10 @@ def cmd_train(args, ds) -> dict:
     variants = [("base", "none")] if args.baseline or teacher is None else []
     if teacher is not None:
         variants += [("dllm2rec", a) for a in ["none", *args.ablations]]
-    runs = train_students(ds, teacher, args, variants, device)
+    runs = cli.train_students(fit, ds, teacher, args, variants, device)
     summary = summarise(runs)
     print(format_table(summary))
-    save_results(args, ds, runs, summary)
+    cli.save_results(args, ds, runs, summary)
     return {"summary": summary, "runs": runs}
 
 
@@ -481,26 +437,16 @@ def cmd_reproduce(args, ds) -> dict:
           f"for {args.patience} epochs (at most {args.epochs}), on {device}")
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
-    runs = train_students(ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device, subsets)
+    runs = cli.train_students(fit, ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device, subsets)
     summary = summarise(runs)
     covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
     floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}
     print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
           f"({covered / len(ds.train):.1%}), outputs checksum {checksum}")
     print(format_table(summary, floor))
-    test, pop = teacher_eval["test"], popularity_metrics(ds, subsets["teacher_test_rows"])
-    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher {test['HR@20']:.4f} / "
-          f"{test['NDCG@20']:.4f}, popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
-    for line in summary:
-        ms = [r["subsets"]["teacher_test_rows"] for r in runs
-              if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]
-        print(f"  {line['student'] + ' ' + line['variant']:30} {np.mean([m['HR@20'] for m in ms]):.4f} / "
-              f"{np.mean([m['NDCG@20'] for m in ms]):.4f}")
-    latency = {r["config"]["student"]: float(np.mean([e["eval_s"] for e in r["epochs"] if "test" in e])) /
-               (len(ds.val) + len(ds.test) + len(rows)) for r in runs if r["variant"] == "dllm2rec"}
-    latency["teacher"] = teacher.manifest.get("teacher", {}).get("seconds_per_row")
-    print("\nseconds per user at inference: " + ", ".join(f"{k} {v:.1e}" for k, v in latency.items() if v))
-    save_results(args, ds, runs, summary, floor=floor, latency=latency, teacher={
+    latency = teacher_llm.beside(teacher, teacher_eval, popularity_metrics(ds, subsets["teacher_test_rows"]), summary,
+                                 runs, eval_rows=len(ds.val) + len(ds.test) + len(rows))
+    cli.save_results(args, ds, runs, summary, floor=floor, latency=latency, teacher={
         "cache": str(path), "eval": teacher_eval, "manifest": teacher.manifest, "covered_train_rows": covered,
         "checksum": checksum})
     print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
@@ -528,7 +474,7 @@ def parse_args(argv=None):
     method = sys.modules[__name__]      # handed to the diagnostics, so that no module imports this one
     return cli.parse_args(argv, [add_commands, teacher_llm.add_commands, finetune.add_commands,
                                  lambda sub, parent: diagnostics.add_commands(sub, parent, method)],
-                          config_from_args, __doc__.split("\n")[0])
+                          __doc__.split("\n")[0])
 
 
 def main(argv=None):

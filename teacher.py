@@ -3,7 +3,8 @@ for each row the model writes the next item's title (greedy decoding; BIGRec use
 search, which llama.cpp does not have), the title is embedded (last layer, last token) and
 grounded to the items whose title embeddings are nearest in L2. Results go to a teacher cache
 (cache.py). Read in pipeline order: settings, prompt, grounding, resumable run, throughput,
-commands (teacher, teacher-merge, teacher-bench, export-official); the llama.cpp client is llm.py.
+commands (teacher, teacher-merge, teacher-bench, export-official), the single command's teacher stage
+and its report beside the students; the llama.cpp client is llm.py.
 """
 from __future__ import annotations
 
@@ -402,6 +403,26 @@ def stage(args, ds) -> tuple[TeacherOutputs, dict, Path]:
     print(describe(teacher, ds))
     return teacher, report(teacher, ds), path
 
+
+
+def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list[dict], runs: list[dict],
+           eval_rows: int) -> dict:
+    """Print the teacher beside the popularity floor (pop) and the students (their runs'
+    subsets["teacher_test_rows"]) on the test rows it covered, then the seconds per user at
+    inference (a student's: its evaluation time over the eval_rows it ranks). -> the latencies."""
+    test = teacher_eval["test"]
+    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher {test['HR@20']:.4f} / "
+          f"{test['NDCG@20']:.4f}, popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
+    for line in summary:
+        ms = [r["subsets"]["teacher_test_rows"] for r in runs
+              if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]
+        print(f"  {line['student'] + ' ' + line['variant']:30} {np.mean([m['HR@20'] for m in ms]):.4f} / "
+              f"{np.mean([m['NDCG@20'] for m in ms]):.4f}")
+    latency = {r["config"]["student"]: float(np.mean([e["eval_s"] for e in r["epochs"] if "test" in e])) / eval_rows
+               for r in runs if r["variant"] == "dllm2rec"}
+    latency["teacher"] = teacher.manifest.get("teacher", {}).get("seconds_per_row")
+    print("\nseconds per user at inference: " + ", ".join(f"{k} {v:.1e}" for k, v in latency.items() if v))
+    return latency
 
 def add_commands(sub, parent) -> dict:
     """This module's commands on the subparsers sub (parent: the data flags); {name: function}."""

@@ -26,6 +26,7 @@ import dllm2rec as D
 import finetune as FT
 import students as S
 import teacher as T
+from common import from_args
 
 ROOT = Path(__file__).resolve().parent
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", ROOT.parent / "shared" / "datasets" / "ml-100k"))
@@ -846,7 +847,7 @@ def test_each_command_keeps_its_own_defaults():
     assert (get("reproduce").epochs, get("reproduce").patience) == (D.Config.epochs, D.Config.patience)
     assert (get("mechanism").epochs, get("mechanism").students) == (5, ["sasrec"])
     assert get("train", "--official").official and not get("train").official_weights
-    assert D.from_args(T.TeacherSettings, get("reproduce", "--seed", "3")).seed == 0   # the students' seed only
+    assert from_args(T.TeacherSettings, get("reproduce", "--seed", "3")).seed == 0   # the students' seed only
     assert get("compare-teachers", "x").students == ["sasrec", "dros"]
 
 
