@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -410,9 +411,10 @@ def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list
     """Print the teacher beside the popularity floor (pop) and the students (their runs'
     subsets["teacher_test_rows"]) on the test rows it covered, then the seconds per user at
     inference (a student's: its evaluation time over the eval_rows it ranks). -> the latencies."""
-    test = teacher_eval["test"]
-    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher {test['HR@20']:.4f} / "
-          f"{test['NDCG@20']:.4f}, popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
+    test = teacher_eval["test"]      # no HR@20 when the teacher kept fewer than 20 items (--top-n)
+    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher "
+          f"{test.get('HR@20', math.nan):.4f} / {test.get('NDCG@20', math.nan):.4f}, "
+          f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
     for line in summary:
         ms = [r["subsets"]["teacher_test_rows"] for r in runs
               if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]

@@ -1062,6 +1062,29 @@ def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
 
 
 @needs_llm
+def test_reproduce_runs_end_to_end_on_a_tiny_teacher(tiny_model, tmp_path, monkeypatch, capsys):
+    """The single command on a tiny model and data: teacher stage, then both variants, one
+    table, the teacher beside the students on its own rows, a results file; --top-n 12 keeps
+    fewer than 20 items, so the teacher has no @20 metrics to print."""
+    ds = tiny_dataset()
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    argv = ["reproduce", "--model", str(tiny_model), "--n-ctx", "1024", "--teacher-seqs", "4", "--max-new-tokens", "8",
+            "--top-n", "12", "--teacher-rows", "60", "--teacher-eval-rows", "10", "--students", "sasrec", "--seeds", "2",
+            "--epochs", "2", "--batch-size", "64", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r.json")]
+    D.main(argv)
+    printed, res = capsys.readouterr().out, json.loads((tmp_path / "r.json").read_text())
+    assert [(line["variant"], line["seeds"]) for line in res["summary"]] == [("base", 2), ("dllm2rec", 2)]
+    assert res["teacher"]["covered_train_rows"] == 60 and f"checksum {res['teacher']['checksum']}" in printed
+    assert "on the 10 test rows the teacher covered (HR@20 / NDCG@20): teacher nan / nan" in printed
+    rows = C.load_teacher(tmp_path / "c", ds).splits["test"].rows
+    pop = D.popularity_metrics(ds, data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows]))
+    assert f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}" in printed
+    assert set(res["latency"]) == {"sasrec", "teacher"} and res["latency"]["teacher"] > 0
+    D.main(argv)                                                             # a second run: from the cache
+    assert f"checksum {res['teacher']['checksum']}" in capsys.readouterr().out
+
+
+@needs_llm
 def test_killed_run_resumes_to_the_same_cache_and_shards_merge(tiny_model, tmp_path):
     ds = tiny_dataset()
     st = tiny_settings(tiny_model)
