@@ -3,7 +3,7 @@ options are checked when parsed, --out and --device before any work starts, and 
 ends the command in one line naming the file or the option (-v: with the traceback). The
 student commands' runs (students x variants x seeds) and their results file are made here.
 
-Nothing here imports dllm2rec.py: it passes its commands and its Config in.
+Nothing here imports dllm2rec.py: it passes itself in (`method`: its Config, commands and fit).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import data
 import students
+import teacher as teacher_llm
 from common import (Parser, UserError, add_flags, at_least, at_the_boundary, check_writable, checked, choice_list,
                     from_args, pick_device, write_json)
 
@@ -71,14 +72,31 @@ def save_results(args, ds, runs, summary, **extra) -> Path:
     return out
 
 
-def parse_args(argv, registrars, description: str, default: str = "reproduce"):
-    """registrars: functions (subparsers, parent) -> {command: function(args, ds)}, where parent
-    carries the data flags; with no command, `default` runs with the options given."""
-    p = Parser(prog="dllm2rec.py", description=description, epilog=f"With no command: {default}.")
+def method_commands(sub, parent, method) -> dict:
+    """train and reproduce, the commands of dllm2rec.py (method), on the subparsers sub."""
+    t = sub.add_parser("train", parents=[parent], help="train students with and without DLLM2Rec")
+    student_flags(t, method.Config)
+    t.add_argument("--teacher", help="teacher cache folder, or a folder of the official files")
+    t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
+    t.add_argument("--ablations", type=choice_list(method.ABLATIONS), default=[],
+                   help=f"comma-separated, from {','.join(method.ABLATIONS)}")
+    r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
+                                                           "DLLM2Rec (the default command)")
+    student_flags(r, method.Config)
+    teacher_llm.settings_flags(r, stage=True)
+    r.set_defaults(students=None, seeds=None, **method.REPRODUCE)      # students and seeds: the device's preset
+    return {"train": method.cmd_train, "reproduce": method.cmd_reproduce}
+
+
+def parse_args(argv, method, registrars, default: str = "reproduce"):
+    """method: dllm2rec.py, whose commands come first; registrars: the other modules' functions
+    (subparsers, parent) -> {command: function(args, ds)}, parent carrying the data flags.
+    With no command, `default` runs with the options given."""
+    p = Parser(prog="dllm2rec.py", description=method.__doc__.split("\n")[0], epilog=f"With no command: {default}.")
     sub = p.add_subparsers(dest="command")
     parent = Parser(add_help=False)
     data.add_flags(parent)
-    commands = {}
+    commands = method_commands(sub, parent, method)
     for add in registrars:
         commands.update(add(sub, parent))
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -6,10 +6,9 @@
 (the paper's importance-aware ranking distillation), and the student's input embedding
 e_i = b_i + ed_weight * g(z_i) (its collaborative embedding distillation; students.ItemEmbedding).
 
-Defaults are the paper's intended method with the official code's conventions; `--official`
-switches on the official code's numerics and protocol (README: differences from the official code).
-This file holds the method, its training and evaluation, the results table and the `reproduce`
-(the default) and `train` commands; the other commands live with their modules.
+Defaults: the paper's method with the official code's conventions; `--official` switches on the
+official code's numerics and protocol (README: differences). Here: the method, its training and
+evaluation, the results table, the `reproduce` (default) and `train` commands; flags in cli.py.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ import diagnostics
 import finetune
 import students
 import teacher as teacher_llm
-from common import Step, UserError, add_flags, at_least, choice_list, fraction, non_negative, opt, \
+from common import Step, UserError, at_least, fraction, non_negative, opt, \
     pick_device, positive
 
 KS = (5, 10, 20)
@@ -146,9 +145,7 @@ class Config:
 
     @property
     def variant(self) -> str:
-        if not self.distill:
-            return "base"
-        return "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
+        return "base" if not self.distill else "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
 
     @property
     def rank_on(self) -> bool:
@@ -166,8 +163,7 @@ class Config:
         return tuple(0.0 if self.ablation == name else g for g, name in zip(self.gammas, ("no_wp", "no_wc", "no_wo")))
 
 
-# The single command's settings: a preset of overrides. On a CPU it trains the students and
-# seeds that fit about 20 minutes on 2 cores; on CUDA the full protocol.
+# The single command's settings, overrides; students and seeds: on a CPU what fits ~20 minutes on 2 cores
 REPRODUCE = {"train_rows": 512, "eval_rows": 128}   # TeacherSettings: --teacher-rows, --teacher-eval-rows
 PRESET_STUDENTS = {"cpu": (("sasrec", "dros"), 2), "cuda": (students.STUDENTS, 3)}
 
@@ -268,10 +264,6 @@ def target_ranks(model: students.Student, hist, lens, target, dropout_on: bool =
     return torch.cat(ranks).cpu()
 
 
-def evaluate(model, split_t, dropout_on: bool = False) -> dict:
-    return metrics_from_ranks(target_ranks(model, *split_t, dropout_on=dropout_on))
-
-
 def popularity_metrics(ds: data.Dataset, split: data.Split) -> dict:
     """The floor every student must clear: items ranked by their count as training targets."""
     counts = torch.bincount(torch.as_tensor(ds.train.target), minlength=ds.n_items).double()
@@ -316,6 +308,9 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     if teacher is not None and cfg.rank_on:
         tt = tuple(torch.as_tensor(a, device=device) for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
     select_on, other = ("test", "val") if cfg.official_protocol else ("val", "test")
+
+    def evaluate(split_t):
+        return metrics_from_ranks(target_ranks(model, *split_t, dropout_on=cfg.official_protocol))
     history, best, bad_epochs = [], None, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -326,11 +321,11 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
             rows += len(idx)
         loss = total.item() / rows
         t1 = time.perf_counter()
-        e = {"epoch": epoch, "loss": loss, select_on: evaluate(model, split[select_on], cfg.official_protocol)}
+        e = {"epoch": epoch, "loss": loss, select_on: evaluate(split[select_on])}
         improved = best is None or e[select_on]["NDCG@20"] > best[select_on]["NDCG@20"]
         if improved or cfg.official_protocol:   # the other split only where it may be reported
-            e[other] = evaluate(model, split[other], cfg.official_protocol)
-            e["subsets"] = {name: evaluate(model, t, cfg.official_protocol) for name, t in extra.items()}
+            e[other] = evaluate(split[other])
+            e["subsets"] = {name: evaluate(t) for name, t in extra.items()}
         history.append({**e, "train_s": round(t1 - t0, 3), "eval_s": round(time.perf_counter() - t1, 3)})
         log(f"  epoch {epoch:3d} loss {loss:.6f} {select_on} NDCG@20 {e[select_on]['NDCG@20']:.4f} "
             f"HR@20 {e[select_on]['HR@20']:.4f} ({history[-1]['train_s']:.1f}s + {history[-1]['eval_s']:.1f}s eval)")
@@ -371,21 +366,21 @@ def summarise(runs: list[dict]) -> list[dict]:
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["config"]["student"], r["variant"]), []).append(r)
-    lines = []
+    lines = {}
     for (student, variant), rs in groups.items():
-        line = {"student": student, "variant": variant, "seeds": len(rs),
-                "epochs": [r["selected_epoch"] for r in rs], "converged": all(r["converged"] for r in rs)}
+        line = lines[student, variant] = {"student": student, "variant": variant, "seeds": len(rs),
+                                          "epochs": [r["selected_epoch"] for r in rs],
+                                          "converged": all(r["converged"] for r in rs)}
         for m in ("HR@20", "NDCG@20"):
             line[m], line[m + "_std"] = mean_std([r["test"][m] for r in rs])
-        lines.append(line)
-    for line in lines:
-        base = next((b for b in lines if b["student"] == line["student"] and b["variant"] == "base"), None)
+    for (student, _), line in lines.items():
+        base = lines.get((student, "base"))
         line["change_NDCG@20"] = line["verdict"] = None
         if base is not None and line is not base and base["NDCG@20"] > 0:
             line["change_NDCG@20"] = line["NDCG@20"] / base["NDCG@20"] - 1
             line["verdict"] = verdict(line["NDCG@20"], line["NDCG@20_std"], base["NDCG@20"], base["NDCG@20_std"],
                                       min(line["seeds"], base["seeds"]))
-    return lines
+    return list(lines.values())
 
 
 def format_table(lines: list[dict], floor: dict | None = None) -> str:
@@ -410,8 +405,7 @@ def cmd_train(args, ds) -> dict:
     if teacher is not None:
         print(teacher_llm.describe(teacher, ds))
     variants = [("base", "none")] if args.baseline or teacher is None else []
-    if teacher is not None:
-        variants += [("dllm2rec", a) for a in ["none", *args.ablations]]
+    variants += [("dllm2rec", a) for a in ["none", *args.ablations]] if teacher is not None else []
     runs = cli.train_students(fit, ds, teacher, args, variants, device)
     summary = summarise(runs)
     print(format_table(summary))
@@ -430,9 +424,8 @@ def cmd_reproduce(args, ds) -> dict:
     if args.students is None or args.seeds is None:
         args.students, args.seeds = args.students or list(preset), args.seeds or seeds
         if device.type == "cpu":
-            print(f"on CPU the single command trains {', '.join(args.students)} over {args.seeds} seeds to fit "
-                  "about 20 minutes; the full protocol (four students, three seeds) runs on a CUDA device, or "
-                  "here with --students gru4rec,sasrec,cl4srec,dros --seeds 3")
+            print(f"on CPU the single command trains {', '.join(args.students)} over {args.seeds} seeds to fit about 20 "
+                  "minutes; the full protocol runs on CUDA, or here with --students gru4rec,sasrec,cl4srec,dros --seeds 3")
     print(f"students: {', '.join(args.students)}, {args.seeds} seed(s), until validation NDCG@20 has not improved "
           f"for {args.patience} epochs (at most {args.epochs}), on {device}")
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
@@ -453,28 +446,12 @@ def cmd_reproduce(args, ds) -> dict:
     return {"summary": summary, "runs": runs, "teacher": teacher_eval}
 
 
-def add_commands(sub, parent) -> dict:
-    """train and reproduce on the subparsers sub (parent: the data flags); {name: function(args, ds)}."""
-    t = sub.add_parser("train", parents=[parent], help="train students with and without DLLM2Rec")
-    cli.student_flags(t, Config)
-    t.add_argument("--teacher", help="teacher cache folder, or a folder of the official files")
-    t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
-    t.add_argument("--ablations", type=choice_list(ABLATIONS), default=[], help=f"comma-separated, from {','.join(ABLATIONS)}")
-    r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
-                                                           "DLLM2Rec (the default command)")
-    cli.student_flags(r, Config)
-    add_flags(r.add_argument_group("teacher"), teacher_llm.TeacherSettings)
-    r.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows)")
-    r.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
-    r.set_defaults(students=None, seeds=None, **REPRODUCE)      # students and seeds: the device's preset
-    return {"train": cmd_train, "reproduce": cmd_reproduce}
-
-
 def parse_args(argv=None):
-    method = sys.modules[__name__]      # handed to the diagnostics, so that no module imports this one
-    return cli.parse_args(argv, [add_commands, teacher_llm.add_commands, finetune.add_commands,
-                                 lambda sub, parent: diagnostics.add_commands(sub, parent, method)],
-                          __doc__.split("\n")[0])
+    """The command line is cli.py's: train and reproduce (this module's, passed as `method`, so
+    that no module imports this one), then each other module's own commands."""
+    method = sys.modules[__name__]
+    return cli.parse_args(argv, method, [teacher_llm.add_commands, finetune.add_commands,
+                                         lambda sub, parent: diagnostics.add_commands(sub, parent, method)])
 
 
 def main(argv=None):

@@ -426,13 +426,20 @@ def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list
     print("\nseconds per user at inference: " + ", ".join(f"{k} {v:.1e}" for k, v in latency.items() if v))
     return latency
 
+
+def settings_flags(p, stage: bool = False) -> None:
+    """TeacherSettings' flags and --cache; stage: also --zero-shot, for the single command."""
+    add_flags(p.add_argument_group("teacher"), TeacherSettings)
+    p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows under "
+                                   "~/.cache/dllm2rec/teacher)")
+    if stage:
+        p.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
+
 def add_commands(sub, parent) -> dict:
     """This module's commands on the subparsers sub (parent: the data flags); {name: function}."""
     def with_settings(name, help):
         p = sub.add_parser(name, parents=[parent], help=help)
-        add_flags(p.add_argument_group("teacher"), TeacherSettings)
-        p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows under "
-                                       "~/.cache/dllm2rec/teacher)")
+        settings_flags(p)
         return p
     with_settings("teacher", "run the LLM teacher into a teacher cache")
     with_settings("teacher-merge", "merge shards' caches into --cache").add_argument(
