@@ -220,7 +220,6 @@ def check_teacher(t: TeacherOutputs, dataset) -> None:
             raise TeacherError(f"{where}: manifest says {declared}, files hold {len(s.rows)} of {n_rows} rows")
 
 
-
 def per_training_row(t: TeacherOutputs, n_rows: int, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The teacher's top-K per training row: ids [n_rows, K], distances [n_rows, K] float32,
     covered [n_rows] bool; a row the teacher did not run on gets zeros and covered False."""
@@ -231,6 +230,7 @@ def per_training_row(t: TeacherOutputs, n_rows: int, K: int) -> tuple[np.ndarray
     covered = np.zeros(n_rows, dtype=bool)
     ids[s.rows], dist[s.rows], covered[s.rows] = s.ids[:, :K], s.dist[:, :K], True
     return ids, dist, covered
+
 
 def _load(path: Path, read):
     if not path.exists():

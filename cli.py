@@ -83,7 +83,7 @@ def method_commands(sub, parent, method) -> dict:
     r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
                                                            "DLLM2Rec (the default command)")
     student_flags(r, method.Config)
-    teacher_llm.settings_flags(r, stage=True)
+    teacher_llm.settings_flags(r, zero_shot=True)
     r.set_defaults(students=None, seeds=None, **method.REPRODUCE)      # students and seeds: the device's preset
     return {"train": method.cmd_train, "reproduce": method.cmd_reproduce}
 

@@ -405,7 +405,6 @@ def stage(args, ds) -> tuple[TeacherOutputs, dict, Path]:
     return teacher, report(teacher, ds), path
 
 
-
 def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list[dict], runs: list[dict],
            eval_rows: int) -> dict:
     """Print the teacher beside the popularity floor (pop) and the students (their runs'
@@ -427,13 +426,14 @@ def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list
     return latency
 
 
-def settings_flags(p, stage: bool = False) -> None:
-    """TeacherSettings' flags and --cache; stage: also --zero-shot, for the single command."""
+def settings_flags(p, zero_shot: bool = False) -> None:
+    """TeacherSettings' flags and --cache; zero_shot: also --zero-shot, for the single command."""
     add_flags(p.add_argument_group("teacher"), TeacherSettings)
     p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows under "
                                    "~/.cache/dllm2rec/teacher)")
-    if stage:
+    if zero_shot:
         p.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
+
 
 def add_commands(sub, parent) -> dict:
     """This module's commands on the subparsers sub (parent: the data flags); {name: function}."""
