@@ -75,8 +75,13 @@ def check_writable(path: str | None, flag: str) -> None:
     if p.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
     parent = next(q for q in (p.resolve().parent, *p.resolve().parents) if q.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+    try:                              # a trial file, removed at once: os.access says yes to root everywhere
+        if not parent.is_dir():
+            raise NotADirectoryError
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError:
+        raise UserError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)") from None
 
 
 def pick_device(name: str):

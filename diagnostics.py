@@ -17,8 +17,9 @@ import torch
 import cache
 import cli
 import data
+import students
 import teacher as teacher_llm
-from common import Step, pick_device, write_json
+from common import Step, at_least, checked, choice_list, pick_device, write_json
 
 
 # ============================================================================ mechanism check
@@ -178,7 +179,7 @@ def add_commands(sub, parent, method) -> dict:
     mc = sub.add_parser("mechanism", parents=[parent],
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
     cli.student_flags(mc, method.Config)
-    mc.add_argument("--qualities", type=float, nargs="+", default=[1.0, 0.3, 0.0],
+    mc.add_argument("--qualities", type=checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]"), nargs="+", default=[1.0, 0.3, 0.0],
                     help="from 1 (knows the held-out transitions) to 0 (random)")
     mc.set_defaults(students=["sasrec"], epochs=5, patience=5)
     c = sub.add_parser("compare-teachers", parents=[parent],
@@ -186,16 +187,17 @@ def add_commands(sub, parent, method) -> dict:
     cli.student_flags(c, method.Config)
     c.add_argument("teachers", nargs="+", help="teacher cache folders (made with the same --teacher-eval-rows)")
     c.set_defaults(students=["sasrec", "dros"])
+    count = checked(int, at_least(1))
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")
-    b.add_argument("--students", type=lambda s: s.split(","), default=["sasrec", "dros"],
+    b.add_argument("--students", type=choice_list(students.STUDENTS), default=["sasrec", "dros"],
                    help="comma-separated; plain SASRec and DROS + DLLM2Rec are the official code's comparable rows")
-    b.add_argument("--rows", type=int, default=119_836)
-    b.add_argument("--items", type=int, default=17_408)
-    b.add_argument("--d-llm", type=int, default=4096)
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (the captured step: 3 eager, then capture)")
-    b.add_argument("--eval-rows", type=int, default=14_980)
+    b.add_argument("--rows", type=count, default=119_836)
+    b.add_argument("--items", type=count, default=17_408)
+    b.add_argument("--d-llm", type=count, default=4096)
+    b.add_argument("--batch-size", type=count, default=256)
+    b.add_argument("--steps", type=count, default=20)
+    b.add_argument("--warmup", type=checked(int, at_least(0)), default=5, help="untimed steps first (the captured step: 3 eager, then capture)")
+    b.add_argument("--eval-rows", type=count, default=14_980)
     b.add_argument("--games-dir", default="../shared/datasets/dllm2rec_game_partial",
                    help="official Games val/test files whose histories are resampled (else random)")
     b.add_argument("--device", default="auto")

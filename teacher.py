@@ -22,7 +22,8 @@ import numpy as np
 import data
 from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
                    load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
-from common import Progress, UserError, add_flags, at_least, atomic_write, file_sha256, from_args, opt, write_json
+from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, file_sha256, from_args, opt,
+                    write_json)
 from llm import LlamaTeacher, default_model, gguf_file, read_chat_template  # noqa: F401  (default_model: finetune)
 
 
@@ -445,8 +446,8 @@ def add_commands(sub, parent) -> dict:
     with_settings("teacher-merge", "merge shards' caches into --cache").add_argument(
         "shard_dirs", nargs="+", help="the cache folders the shards wrote")
     b = with_settings("teacher-bench", "teacher throughput against llama.cpp's rates")
-    b.add_argument("--rows", type=int, default=16, help="training rows to time")
-    b.add_argument("--items", type=int, help="item titles to embed (default: all)")
+    b.add_argument("--rows", type=checked(int, at_least(1)), default=16, help="training rows to time")
+    b.add_argument("--items", type=checked(int, at_least(1)), help="item titles to embed (default: all)")
     b.add_argument("--out", help="also write the figures to this JSON file")
     e = sub.add_parser("export-official", parents=[parent], help="write a teacher cache as the official files")
     e.add_argument("--teacher", required=True, help="a teacher cache folder")
