@@ -28,8 +28,7 @@ import diagnostics
 import finetune
 import students
 import teacher as teacher_llm
-from common import Step, UserError, at_least, fraction, non_negative, opt, \
-    pick_device, positive
+from common import Step, UserError, at_least, fraction, non_negative, opt, pick_device, positive
 
 KS = (5, 10, 20)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
@@ -163,7 +162,7 @@ class Config:
         return tuple(0.0 if self.ablation == name else g for g, name in zip(self.gammas, ("no_wp", "no_wc", "no_wo")))
 
 
-# The single command's settings, overrides; students and seeds: on a CPU what fits ~20 minutes on 2 cores
+# The single command: overrides of the teacher's settings; per device, its students and seeds (CPU: ~20 min)
 REPRODUCE = {"train_rows": 512, "eval_rows": 128}   # TeacherSettings: --teacher-rows, --teacher-eval-rows
 PRESET_STUDENTS = {"cpu": (("sasrec", "dros"), 2), "cuda": (students.STUDENTS, 3)}
 
@@ -311,6 +310,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
 
     def evaluate(split_t):
         return metrics_from_ranks(target_ranks(model, *split_t, dropout_on=cfg.official_protocol))
+
     history, best, bad_epochs = [], None, 0
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
