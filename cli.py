@@ -21,7 +21,7 @@ from common import (Parser, UserError, add_flags, at_least, at_the_boundary, che
 
 def student_flags(p, Config) -> None:
     """The options of every command that trains students: the run's, Config's, and Config's
-    official_* switches in a group of their own with --official, all four at once."""
+    official_* switches in a group of their own, with --official for all of them."""
     p.add_argument("--students", type=choice_list(students.STUDENTS), default=list(students.STUDENTS),
                    help=f"comma-separated, from {','.join(students.STUDENTS)}")
     p.add_argument("--seeds", type=checked(int, at_least(1)), default=1,
@@ -33,7 +33,7 @@ def student_flags(p, Config) -> None:
     add_flags(p.add_argument_group("student training"), Config,
               only=[f.name for f in fields(Config) if f.name not in official])
     o = p.add_argument_group("the official code's numerics and protocol (README: differences)")
-    o.add_argument("--official", action="store_true", help="all four switches below")
+    o.add_argument("--official", action="store_true", help="every switch below")
     add_flags(o, Config, only=official)
     p.set_defaults(Config=Config)
 
