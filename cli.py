@@ -48,18 +48,28 @@ def config(args, **over):
 
 def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> list[dict]:
     """fit(ds, cfg, teacher, device, log, subsets) for every (student, variant, seed) of the
-    command line; variants: [(name, ablation)], name "base" or "dllm2rec"."""
-    runs = []
+    command line, with the elapsed time and an ETA after each run. variants: a list of Config
+    overrides, e.g. {} (the base), {"distill": True, "ablation": "no_wp"}; an override "label"
+    names the variant in the table (default: Config.variant); a dict {student: list} gives each
+    student its own."""
+    per_student = variants if isinstance(variants, dict) else {s: variants for s in args.students}
+    runs, total, t0 = [], sum(len(per_student[s]) for s in args.students) * args.seeds, time.perf_counter()
     for student in args.students:
-        for variant, ablation in variants:
+        for over in per_student[student]:
+            over = dict(over)
+            label = over.pop("label", None)
             for seed in range(args.seed, args.seed + args.seeds):
-                cfg = config(args, student=student, distill=variant != "base", ablation=ablation, seed=seed)
-                print(f"{student} {cfg.variant} seed {seed} on {device}", flush=True)
+                cfg = config(args, **{"distill": False, **over, "student": student, "seed": seed})
+                label = label or cfg.variant
+                print(f"{student} {label} seed {seed} on {device}", flush=True)
                 r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
-                print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
-                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
-                      f"{r['wall_s']['eval']:.0f}s eval)", flush=True)
+                r["variant"] = label
                 runs.append(r)
+                spent = time.perf_counter() - t0
+                print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
+                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, {r['wall_s']['eval']:.0f}s "
+                      f"eval) [run {len(runs)}/{total}, {spent / 60:.1f} min, ETA {spent / len(runs) * (total - len(runs)) / 60:.0f} "
+                      "min]", flush=True)
     return runs
 
 

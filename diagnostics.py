@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,62 @@ def cmd_mechanism(args, ds, method) -> dict:
     return out
 
 
+# ============================================================================ ablations and differences
+# the official switches measured per student: official_dro acts only on DROS, the others on any student
+OFFICIAL_SWITCHES = {"sasrec": ("official_weights", "official_neg", "official_protocol"),
+                     "dros": ("official_dro", "official")}
+
+
+def ablation_variants(student: str, tables: list[str], method) -> tuple[list[dict], dict]:
+    """The runs of one student for the ablation table (the paper's Tables 8 and 9: base, full
+    DLLM2Rec, each ablation) and the differences table (full DLLM2Rec with each official
+    switch), and what each is compared with: {variant: reference variant}."""
+    variants, against = [{}, {"distill": True}], {"dllm2rec": "base"}
+    if "ablations" in tables:
+        for a in method.ABLATIONS:
+            variants.append({"distill": True, "ablation": a})
+            against[f"dllm2rec-{a}"] = "dllm2rec"
+    if "differences" in tables:
+        every = [f.name for f in fields(method.Config) if f.name.startswith("official_")]
+        for switch in OFFICIAL_SWITCHES.get(student, OFFICIAL_SWITCHES["sasrec"]):
+            label = "dllm2rec --" + switch.replace("_", "-")
+            over = {f: True for f in every} if switch == "official" else {switch: True}
+            variants.append({"distill": True, "label": label, **over})
+            against[label] = "dllm2rec"
+    return variants, against
+
+
+def cmd_ablation(args, ds, method) -> dict:
+    """The ablation table and the differences-from-the-official-code table where the ranking
+    term acts on every row: diagnostic teachers covering all training rows, every run to
+    convergence, over seeds, each change with the paired test."""
+    device = pick_device(args.device)
+    counts = cache.transition_counts(ds)
+    plans = {s: ablation_variants(s, args.tables, method) for s in args.students}
+    n_runs = len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values())
+    print(f"{ds.summary()}\nDIAGNOSTIC teachers (they see held-out transitions) covering all {len(ds.train)} training "
+          f"rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(args.students)}; {args.seeds} seeds; until "
+          f"validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); {n_runs} runs on {device}")
+    out = {}
+    for q in args.qualities:
+        t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
+        print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows", flush=True)
+        runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device)
+        against = {k: v for _, a in plans.values() for k, v in a.items()}
+        summary = method.summarise(runs, against)
+        for table in args.tables:
+            keep = [l for l in summary if table == "ablations" and "--" not in l["variant"]
+                    or table == "differences" and (l["variant"] == "dllm2rec" or "--" in l["variant"])]
+            print(f"\n{table} on {ds.name}, teacher quality {q} ({'random' if q == 0 else 'diagnostic'}), all "
+                  f"{len(ds.test)} test rows")
+            print(method.format_table(keep))
+        out[str(q)] = {"summary": summary, "runs": runs}
+    if args.out:
+        write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "tables": args.tables,
+                                    "qualities": out})
+    return out
+
+
 # ============================================================================ teachers side by side
 def cmd_compare(args, ds, method) -> dict:
     """Teachers and undistilled students on the same validation and test rows: each teacher's
@@ -81,7 +138,7 @@ def cmd_compare(args, ds, method) -> dict:
     for (label, t), path in zip(teachers.items(), args.teachers):
         print(f"{label}: {path}")
         table[label] = teacher_llm.report(t, ds)
-    runs = cli.train_students(method.fit, ds, None, args, [("base", "none")], device, subsets)
+    runs = cli.train_students(method.fit, ds, None, args, [{}], device, subsets)
     for r in runs:
         table[f"{r['config']['student']} seed {r['config']['seed']} (epoch {r['selected_epoch']})"] = r["subsets"]
     print(f"\n{'':24} {'validation (' + str(len(subsets['val'])) + ' rows)':>26}   "
@@ -182,6 +239,14 @@ def add_commands(sub, parent, method) -> dict:
     mc.add_argument("--qualities", type=checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]"), nargs="+", default=[1.0, 0.3, 0.0],
                     help="from 1 (knows the held-out transitions) to 0 (random)")
     mc.set_defaults(students=["sasrec"], epochs=5, patience=5)
+    ab = sub.add_parser("ablation", parents=[parent],
+                        help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
+    cli.student_flags(ab, method.Config)
+    ab.add_argument("--qualities", type=checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]"), nargs="+",
+                    default=[0.5, 0.0], help="diagnostic teachers' qualities (0: the random teacher)")
+    ab.add_argument("--tables", type=choice_list(("ablations", "differences")), default=["ablations", "differences"],
+                    help="comma-separated, from ablations,differences")
+    ab.set_defaults(students=["sasrec", "dros"], seeds=3)
     c = sub.add_parser("compare-teachers", parents=[parent],
                        help="teachers and undistilled students on the same validation and test rows")
     cli.student_flags(c, method.Config)
@@ -204,4 +269,5 @@ def add_commands(sub, parent, method) -> dict:
     b.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     b.add_argument("--out", help="also write the figures to this JSON file")
     return {name: (lambda args, ds, f=f: f(args, ds, method)) for name, f in
-            (("mechanism", cmd_mechanism), ("compare-teachers", cmd_compare), ("bench", cmd_bench))}
+            (("mechanism", cmd_mechanism), ("ablation", cmd_ablation), ("compare-teachers", cmd_compare),
+             ("bench", cmd_bench))}

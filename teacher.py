@@ -24,7 +24,7 @@ from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_ti
                    load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
 from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, file_sha256, from_args, opt,
                     write_json)
-from llm import LlamaTeacher, default_model, gguf_file, read_chat_template  # noqa: F401  (default_model: finetune)
+from llm import LlamaTeacher, build_identity, cpu_name, default_model, gguf_file, read_chat_template  # noqa: F401  (default_model: finetune)
 
 
 # ============================================================================ settings
@@ -134,6 +134,7 @@ def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path)
         "generation": {"decoding": "greedy over catalogue titles" if st.titles_only else "greedy",
                        "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq},
         "top_n": st.top_n, "rows": {"train": st.train_rows, "eval": st.eval_rows, "seed": st.seed}, "chunk": CHUNK,
+        "llama_cpp": build_identity(),
     }
 
 
@@ -250,6 +251,7 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
         rows += sum(len(c["rows"]) for c in cs)
     ident["seconds_per_row"] = seconds / max(rows, 1)
     ident["item_embedding_seconds"] = sum(float(c["seconds"]) for c in chunks["items"])
+    ident["cpu"] = cpu_name()          # recorded, not compared: a fixed-instruction-set build computes the same on any CPU
     write_cache(cache, ds, z_items, splits, ident)
     return read_cache(cache, ds)
 
@@ -415,6 +417,9 @@ def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list
     print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher "
           f"{test.get('HR@20', math.nan):.4f} / {test.get('NDCG@20', math.nan):.4f}, "
           f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
+    if test.get("NDCG@20", math.nan) < pop["NDCG@20"] or test.get("HR@20", math.nan) < pop["HR@20"]:
+        print("  the teacher scores below the popularity floor on its own test rows: its ranking advice is worse "
+              "than recommending the most popular items, so the students have little to learn from it")
     for line in summary:
         ms = [r["subsets"]["teacher_test_rows"] for r in runs
               if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]

@@ -650,6 +650,67 @@ def test_a_gain_is_a_gain_only_beyond_twice_the_combined_std():
     assert D.verdict(0.050, 0.0, 0.040, 0.0, 1) == "1 seed: no noise estimate"
 
 
+def test_a_gain_needs_the_paired_test_to_agree_with_the_seeds():
+    assert D.verdict(0.050, 0.001, 0.040, 0.002, 3, p=0.01) == "gain"
+    assert D.verdict(0.050, 0.001, 0.040, 0.002, 3, p=0.20) == "within noise"   # beyond the seeds, p says no
+    assert D.verdict(0.043, 0.001, 0.040, 0.002, 3, p=1e-9) == "within noise"   # p says yes, the seeds say no
+    assert D.verdict(0.030, 0.001, 0.040, 0.002, 3, p=0.01) == "loss"
+
+
+def test_signed_rank_test_against_a_hand_computation():
+    # d = .5 -.2 .2 0 1 .3 -.1: the 0 is dropped, m = 6; |d| ranked .1:1 .2,.2:2.5,2.5 .3:4 .5:5 1:6
+    # W+ = 5 + 2.5 + 6 + 4 = 17.5; mean m(m+1)/4 = 10.5; var 6*7*13/24 - (2^3 - 2)/48 = 22.75 - 0.125
+    t = D.signed_rank_test([0.5, -0.2, 0.2, 0.0, 1.0, 0.3, -0.1])
+    z = 7 / math.sqrt(22.625)                                   # 1.4717
+    assert (t["rows"], t["W+"]) == (6, 17.5) and t["z"] == pytest.approx(z)
+    assert t["p"] == pytest.approx(0.1411, abs=5e-4)           # 2 (1 - Phi(1.4717)), from a normal table
+    # the other direction: the same |z|, the same p; no difference at all: p = 1
+    assert D.signed_rank_test([-0.5, 0.2, -0.2, 0.0, -1.0, -0.3, 0.1])["z"] == pytest.approx(-z)
+    assert D.signed_rank_test(np.zeros(5))["p"] == 1.0
+    # differences equal up to float rounding tie (per-row NDCG differences are computed in floats)
+    assert 0.3 - 0.1 != 0.2
+    assert D.signed_rank_test([0.3 - 0.1, 0.2, -0.5])["W+"] == 1.5 + 1.5
+
+
+def test_signed_rank_test_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    d = np.random.default_rng(0).choice([-0.5, -0.2, 0.0, 0.0, 0.1, 0.2, 0.3, 1.0], 500)
+    ours = D.signed_rank_test(d)
+    theirs = stats.wilcoxon(d, zero_method="wilcox", correction=False, method="approx")
+    assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-9)
+    assert min(ours["W+"], ours["rows"] * (ours["rows"] + 1) / 2 - ours["W+"]) == pytest.approx(theirs.statistic)
+
+
+def fake_run(student, variant, seed, ranks):
+    ranks = np.asarray(ranks)
+    m = D.metrics_from_ranks(torch.as_tensor(ranks))
+    return {"config": {"student": student}, "variant": variant, "seed": seed, "selected_epoch": 1,
+            "converged": True, "test": m, "test_ranks": ranks.tolist()}
+
+
+def test_summarise_pairs_each_variant_with_its_reference_over_seed_averaged_rows():
+    g = np.random.default_rng(0)
+    base = [g.integers(0, 60, 400) for _ in range(3)]
+    better = [np.maximum(b - 8, 0) for b in base]                 # every row ranked 8 places higher
+    runs = ([fake_run("sasrec", "base", i, r) for i, r in enumerate(base)] +
+            [fake_run("sasrec", "dllm2rec", i, r) for i, r in enumerate(better)] +
+            [fake_run("sasrec", "dllm2rec-no_wp", i, r) for i, r in enumerate(better)])
+    lines = {l["variant"]: l for l in D.summarise(runs, {"dllm2rec": "base", "dllm2rec-no_wp": "dllm2rec"})}
+    full = lines["dllm2rec"]
+    want = D.signed_rank_test(np.mean([D.ndcg_per_row(r) for r in better], 0) - np.mean([D.ndcg_per_row(r) for r in base], 0))
+    assert full["against"] == "base" and full["paired"] == want and full["paired"]["p"] < 1e-6
+    assert lines["dllm2rec-no_wp"]["against"] == "dllm2rec" and lines["dllm2rec-no_wp"]["paired"]["p"] == 1.0
+    assert lines["dllm2rec-no_wp"]["verdict"] == "within noise" and lines["base"]["against"] is None
+    assert D.ndcg_per_row(base[0]).mean() == pytest.approx(runs[0]["test"]["NDCG@20"])
+    assert "paired p" in D.format_table(list(lines.values()))
+
+
+def test_ranking_share_is_lam_times_coverage():
+    line = D.ranking_share(512, 72_456, D.Config())
+    assert "512 of 72456" in line and "coverage 0.7%" in line and "about 1.8 covered rows in a 256-row batch" in line
+    assert "0.7 x 0.0071 = 0.0049" in line
+
+
 def test_official_protocol_selects_on_test_with_dropout_on_and_samples_batches():
     ds = tiny_dataset()
     torch.manual_seed(0)
@@ -770,6 +831,25 @@ def test_mechanism_command_prints_a_row_per_quality(tmp_path, monkeypatch, capsy
                   "--out", str(tmp_path / "m.json")])
     assert set(out["qualities"]) == {"1.0", "0.0"} and len(out["qualities"]["1.0"]) == len(diagnostics.MECHANISM_VARIANTS)
     assert "DIAGNOSTIC" in capsys.readouterr().out and (tmp_path / "m.json").exists()
+
+
+def test_ablation_command_compares_each_ablation_with_full_and_full_with_base(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    out = D.main(["ablation", "--epochs", "1", "--qualities", "0.5", "--seeds", "2", "--batch-size", "64",
+                  "--students", "sasrec,dros", "--out", str(tmp_path / "a.json")])
+    lines = {(l["student"], l["variant"]): l for l in out["0.5"]["summary"]}
+    for student, switches in diagnostics.OFFICIAL_SWITCHES.items():
+        assert lines[student, "dllm2rec"]["against"] == "base"
+        assert all(lines[student, f"dllm2rec-{a}"]["against"] == "dllm2rec" for a in D.ABLATIONS)
+        assert all(lines[student, "dllm2rec --" + s.replace("_", "-")]["against"] == "dllm2rec" for s in switches)
+    runs = out["0.5"]["runs"]
+    assert all(r["teacher_rows_covered"] == len(ds.train) for r in runs if r["variant"] not in ("base", "dllm2rec-no_rank"))
+    on = [r for r in runs if r["variant"] == "dllm2rec --official"][0]["config"]
+    assert all(on[k] for k in on if k.startswith("official_"))
+    printed = capsys.readouterr().out
+    assert "ablations on" in printed and "differences on" in printed and "ETA" in printed
+    assert json.loads((tmp_path / "a.json").read_text())["tables"] == ["ablations", "differences"]
 
 
 def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
