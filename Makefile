@@ -1,9 +1,12 @@
 # Two commands: `make reproduce` (the single command's table) and `make test` (the suite).
 # Each installs what it needs first; pip skips what is already there.
 PYTHON ?= python
-# a local folder of prebuilt wheels (llama-cpp-python takes ~15 minutes to build otherwise)
+# a local folder of prebuilt wheels (llama-cpp-python takes ~10 minutes to build otherwise)
 WHEELS ?= $(wildcard ../shared/wheels)
 LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
+# a source build of llama.cpp compiles a fixed x86-64 instruction set (AVX2, FMA, F16C), not the
+# build machine's (-march=native), so that its teacher outputs match the AVX2 wheel's (README: teacher)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 # a local MovieLens-100K copy, if there is one (else the code downloads it from GroupLens)
 ML100K ?= $(wildcard ../shared/datasets/ml-100k)
 ifneq ($(ML100K),)

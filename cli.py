@@ -12,11 +12,13 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 import data
 import students
 import teacher as teacher_llm
 from common import (Parser, UserError, add_flags, at_least, at_the_boundary, check_writable, checked, choice_list,
-                    from_args, pick_device, write_json)
+                    cpu_name, from_args, pick_device, write_json)
 
 
 def student_flags(p, Config) -> None:
@@ -66,17 +68,19 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> li
                 r["variant"] = label
                 runs.append(r)
                 spent = time.perf_counter() - t0
+                eta = spent / len(runs) * (total - len(runs))
                 print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
-                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, {r['wall_s']['eval']:.0f}s "
-                      f"eval) [run {len(runs)}/{total}, {spent / 60:.1f} min, ETA {spent / len(runs) * (total - len(runs)) / 60:.0f} "
-                      "min]", flush=True)
+                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
+                      f"{r['wall_s']['eval']:.0f}s eval) [run {len(runs)}/{total}, {spent / 60:.1f} min, "
+                      f"ETA {eta / 60:.0f} min]", flush=True)
     return runs
 
 
 def save_results(args, ds, runs, summary, **extra) -> Path:
     """The results JSON: --out, or results/<dataset>-<time>.json."""
     out = Path(args.out) if args.out else Path("results") / f"{ds.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:],
+    machine = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:], "machine": machine,
                      "summary": summary, **extra, "runs": runs})
     print(f"wrote {out}")
     return out

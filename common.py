@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import sys
 import tempfile
 import traceback
@@ -61,6 +62,18 @@ class Progress:
         eta = (self.total - self.done) / rate
         print(f"\r  {self.what}: {self.done}/{self.total}  {rate:.2f}/s  ETA {eta / 60:.1f} min   ",
               end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
+
+
+def cpu_name() -> str:
+    """The CPU this runs on (model name from /proc/cpuinfo where there is one): results and
+    teacher caches record it, since torch's and llama.cpp's CPU kernels round per instruction set."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_json(path: Path, obj) -> None:

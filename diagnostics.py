@@ -95,13 +95,15 @@ def cmd_ablation(args, ds, method) -> dict:
     counts = cache.transition_counts(ds)
     plans = {s: ablation_variants(s, args.tables, method) for s in args.students}
     n_runs = len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values())
-    print(f"{ds.summary()}\nDIAGNOSTIC teachers (they see held-out transitions) covering all {len(ds.train)} training "
-          f"rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(args.students)}; {args.seeds} seeds; until "
-          f"validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); {n_runs} runs on {device}")
+    print(f"{ds.summary()}\nDIAGNOSTIC teachers (they see held-out transitions) covering all {len(ds.train)} "
+          f"training rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(args.students)}; {args.seeds} "
+          f"seeds; until validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); "
+          f"{n_runs} runs on {device}")
     out = {}
     for q in args.qualities:
         t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
-        print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows", flush=True)
+        print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows",
+              flush=True)
         runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device)
         against = {k: v for _, a in plans.values() for k, v in a.items()}
         summary = method.summarise(runs, against)

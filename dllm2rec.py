@@ -243,9 +243,10 @@ def metrics_from_ranks(ranks: torch.Tensor, ks=KS) -> dict:
 
 def ranks_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target in its row of scores [b, n]; ties count against the target
-    (a model scoring everything equal gets no hits)."""
+    (a model scoring everything equal gets no hits); a NaN target score ranks last, never a hit."""
     s_t = scores.gather(1, target.unsqueeze(1))                              # [b, 1]
-    return (scores > s_t).sum(1) + (scores == s_t).sum(1) - 1
+    rank = (scores > s_t).sum(1) + (scores == s_t).sum(1) - 1
+    return torch.where(s_t.squeeze(1).isnan(), scores.shape[1] - 1, rank)
 
 
 @torch.no_grad()
@@ -257,8 +258,10 @@ def target_ranks(model: students.Student, hist, lens, target, dropout_on: bool =
     model.train(dropout_on)
     ranks = []
     for a in range(0, len(target), batch_size):
-        h = model(hist[a:a + batch_size], lens[a:a + batch_size])
-        ranks.append(ranks_of(model.score_all(h), target[a:a + batch_size]))
+        scores = model.score_all(model(hist[a:a + batch_size], lens[a:a + batch_size]))
+        if scores.isnan().any():
+            raise FloatingPointError("the model's scores are NaN: training diverged (a smaller --lr?)")
+        ranks.append(ranks_of(scores, target[a:a + batch_size]))
     model.train(was_training)
     return torch.cat(ranks).cpu()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +50,6 @@ def build_identity() -> dict:
             h.update(lib.name.encode() + lib.read_bytes())
     return {"llama_cpp_python": llama_cpp.__version__, "libraries_sha256": h.hexdigest()[:16],
             "compiled_for": llama_cpp.llama_print_system_info().decode().strip()}
-
-
-def cpu_name() -> str:
-    """The CPU the teacher ran on (model name from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def read_chat_template(model_path) -> str:

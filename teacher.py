@@ -22,9 +22,9 @@ import numpy as np
 import data
 from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
                    load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
-from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, file_sha256, from_args, opt,
+from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, cpu_name, file_sha256, from_args, opt,
                     write_json)
-from llm import LlamaTeacher, build_identity, cpu_name, default_model, gguf_file, read_chat_template  # noqa: F401  (default_model: finetune)
+from llm import LlamaTeacher, build_identity, default_model, gguf_file, read_chat_template  # noqa: F401  (default_model: finetune)
 
 
 # ============================================================================ settings

@@ -643,6 +643,18 @@ def test_popularity_floor_equals_hand_computed_ranks():
     assert m["HR@10"] == 1.0 and D.metrics_from_ranks(torch.tensor([0, 1, 2, 4]), ks=(1,))["HR@1"] == 0.25
 
 
+def test_a_nan_score_is_never_a_hit_and_a_diverged_model_fails():
+    scores = torch.tensor([[0.1, float("nan"), 0.3], [float("nan")] * 3])
+    assert D.ranks_of(scores, torch.tensor([1, 0])).tolist() == [2, 2]       # last of 3 items: no hit at k < 3
+    model = S.make_student("sasrec", 10, target_counts=torch.ones(10), alpha=0.0, dim=8, dropout=0.0, max_len=10)
+    with torch.no_grad():
+        model.out.weight.fill_(float("nan"))
+    hist = torch.full((4, 10), 10)
+    hist[:, 0] = 1
+    with pytest.raises(FloatingPointError, match="diverged"):
+        D.target_ranks(model, hist, torch.ones(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
 def test_a_gain_is_a_gain_only_beyond_twice_the_combined_std():
     assert D.verdict(0.050, 0.001, 0.040, 0.002, 3) == "gain"          # 0.010 > 2 * 0.00224
     assert D.verdict(0.043, 0.001, 0.040, 0.002, 3) == "within noise"  # 0.003 < 0.00447
