@@ -304,13 +304,15 @@ def synthetic_teacher(ds, quality: float, counts: np.ndarray, top_n: int = 20, d
     """A DIAGNOSTIC teacher of known quality that sees held-out data. Quality 1: each training
     row's candidates are the items that most often follow its last item (counts), item
     embeddings the top singular vectors of log(1 + counts + counts^T). Each candidate is then
-    replaced by a uniformly random item with probability 1 - quality, and each embedding mixed
+    replaced by a uniformly random item with probability 1 - quality (a row with an empty history
+    gets the most popular items), and each embedding mixed
     with noise in that proportion; replaced candidates get larger distances (an honest
     confidence), so quality 0 is a random teacher."""
     g = np.random.default_rng(seed)
     pop = np.bincount(ds.train.target, minlength=ds.n_items) / len(ds.train)
     last = ds.train.hist[np.arange(len(ds.train)), np.maximum(ds.train.lens - 1, 0)]
-    ids = np.argsort(-(counts[last] + pop), axis=1, kind="stable")[:, :top_n]        # [N, n], popularity breaks ties
+    follows = np.where((ds.train.lens > 0)[:, None], counts[np.minimum(last, ds.n_items - 1)], 0)  # empty history: none
+    ids = np.argsort(-(follows + pop), axis=1, kind="stable")[:, :top_n]             # [N, n], popularity breaks ties
     keep = g.random(ids.shape) < quality
     ids = np.where(keep, ids, g.integers(0, ds.n_items, ids.shape))
     dist = np.where(keep, 1 + 0.1 * np.arange(top_n), 3 + g.random(ids.shape)).astype(np.float32)

@@ -377,7 +377,7 @@ def signed_rank_test(d) -> dict:
     if m == 0:
         return {"rows": 0, "W+": 0.0, "z": 0.0, "p": 1.0}
     a = np.abs(d)
-    values, first, ties = np.unique(a, return_index=True, return_counts=True)    # a sorted: first index per value
+    values, ties = np.unique(a, return_counts=True)                               # sorted distinct |d|, their counts
     avg_rank = np.cumsum(ties) - (ties - 1) / 2                                   # 1-based average rank per value
     rank = avg_rank[np.searchsorted(values, a)]                                   # [m]
     w_plus = float(rank[d > 0].sum())
@@ -430,11 +430,10 @@ def summarise(runs: list[dict], against: dict | None = None) -> list[dict]:
         if ref is not None and ref is not line and ref["NDCG@20"] > 0:
             seeds = min(line["seeds"], ref["seeds"])
             line["against"], line["change_NDCG@20"] = ref_name, line["NDCG@20"] / ref["NDCG@20"] - 1
-            line["seed_noise"] = (verdict(line["NDCG@20"], line["NDCG@20_std"], ref["NDCG@20"], ref["NDCG@20_std"], seeds)
-                                  if seeds > 1 else "1 seed")
+            means = (line["NDCG@20"], line["NDCG@20_std"], ref["NDCG@20"], ref["NDCG@20_std"], seeds)
+            line["seed_noise"] = verdict(*means) if seeds > 1 else "1 seed"
             line["paired"] = paired_test(groups[student, variant], groups[student, ref_name])
-            line["verdict"] = verdict(line["NDCG@20"], line["NDCG@20_std"], ref["NDCG@20"], ref["NDCG@20_std"], seeds,
-                                      line["paired"]["p"] if line["paired"] else None)
+            line["verdict"] = verdict(*means, line["paired"]["p"] if line["paired"] else None)
     return list(lines.values())
 
 
@@ -445,7 +444,7 @@ def format_table(lines: list[dict], floor: dict | None = None) -> str:
     for label, m in (floor or {}).items():
         rows.append(f"{label:36} {'':5} {m['HR@20']:13.4f} {m['NDCG@20']:13.4f}")
     for l in lines:
-        change = (f"{100 * l['change_NDCG@20']:+6.1f}% vs {l['against']}"[:24] if l["change_NDCG@20"] is not None else "")
+        change = f"{100 * l['change_NDCG@20']:+6.1f}% vs {l['against']}" if l["change_NDCG@20"] is not None else ""
         p = f"{l['paired']['p']:8.4f}" if l.get("paired") else f"{'':8}"
         flag = "" if l["converged"] else " (not converged: epoch cap)"
         rows.append(f"{l['student'] + ' ' + l['variant']:36} {l['seeds']:5d} {l['HR@20']:.4f}±{l['HR@20_std']:.4f} "

@@ -836,6 +836,15 @@ def test_synthetic_teacher_has_the_quality_it_is_built_with():
     assert hit(good) > 0.75 and hit(bad) < 0.45      # random: 10 of 30 items hold the target a third of the time
 
 
+def test_synthetic_teacher_gives_rows_with_an_empty_history_the_most_popular_items():
+    ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
+    empty = np.arange(0, 400, 7)                     # all padding, len_seq 0, as LLaRA's LastFM rows read
+    ds.train.hist[empty], ds.train.lens[empty] = ds.n_items, 0
+    t = C.synthetic_teacher(ds, 1.0, C.transition_counts(ds), top_n=5)
+    popular = np.argsort(-np.bincount(ds.train.target, minlength=30), kind="stable")[:5]
+    assert (t.splits["train"].ids[empty] == popular).all() and len(t.splits["train"].rows) == 400
+
+
 def test_mechanism_command_prints_a_row_per_quality(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
     monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
