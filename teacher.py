@@ -22,9 +22,10 @@ import numpy as np
 import data
 from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
                    load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
-from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, cpu_name, file_sha256, from_args, opt,
-                    write_json)
-from llm import LlamaTeacher, build_identity, default_model, gguf_file, read_chat_template  # noqa: F401  (default_model: finetune)
+from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, cpu_name, file_sha256, from_args,
+                    opt, write_json)
+from llm import (LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
+                 read_chat_template)
 
 
 # ============================================================================ settings
@@ -251,7 +252,7 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
         rows += sum(len(c["rows"]) for c in cs)
     ident["seconds_per_row"] = seconds / max(rows, 1)
     ident["item_embedding_seconds"] = sum(float(c["seconds"]) for c in chunks["items"])
-    ident["cpu"] = cpu_name()          # recorded, not compared: a fixed-instruction-set build computes the same on any CPU
+    ident["cpu"] = cpu_name()    # recorded, not compared: a fixed-instruction-set build computes the same on any CPU
     write_cache(cache, ds, z_items, splits, ident)
     return read_cache(cache, ds)
 

@@ -1244,6 +1244,17 @@ def test_cache_of_another_dataset_model_or_prompt_is_refused(tiny_model, tmp_pat
         T.run_teacher(tiny_dataset(seed=5), tmp_path / "c", st)
 
 
+@needs_llm
+def test_cache_made_by_another_llama_cpp_build_is_refused(tiny_model, tmp_path, monkeypatch):
+    ds, st = tiny_dataset(), tiny_settings(tiny_model)
+    T.run_teacher(ds, tmp_path / "c", st, stop_after=1)
+    made = json.loads((tmp_path / "c" / "work" / "identity.json").read_text())["llama_cpp"]
+    assert made == T.build_identity() and made["compiled_for"].startswith("CPU")
+    monkeypatch.setattr(T, "build_identity", lambda: {**made, "libraries_sha256": "another build"})
+    with pytest.raises(C.TeacherError, match="another llama_cpp"):
+        T.run_teacher(ds, tmp_path / "c", st)
+
+
 def test_non_gguf_model_or_adapter_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     """llama.cpp segfaults on some non-GGUF adapters: the files are checked first, and the work
     folder gets nothing (no identity.json) until the model has loaded."""
