@@ -7,6 +7,7 @@ The official code's timings are in the README, not here: figures vary 2x between
 """
 from __future__ import annotations
 
+import math
 import resource
 import time
 from dataclasses import fields
@@ -52,10 +53,10 @@ def cmd_mechanism(args, ds, method) -> dict:
                       t, device, log=lambda *_: None) for i in range(args.seeds)]
             m = float(np.mean([r["test"]["NDCG@20"] for r in rs]))
             table.setdefault(str(q), {})[label] = m
-            cells.append(f"{m:.4f} ({100 * (m / base - 1):+6.1f}%)")
+            cells.append(f"{m:.4f} ({100 * (m / base - 1):+6.1f}%)" if base > 0 else f"{m:.4f} (base 0)")
         print(f"{q:8.2f} " + " ".join(f"{c:>22}" for c in cells), flush=True)
     print("cells: test NDCG@20 (change over the base student); a change within about "
-          f"{2 * base_std / base:.0%} is within twice the base's seed-to-seed std")
+          f"{2 * base_std / base if base > 0 else math.nan:.0%} is within twice the base's seed-to-seed std")
     out = {"base": {"NDCG@20": base, "std": base_std}, "qualities": table, "epochs": args.epochs}
     if args.out:
         write_json(Path(args.out), out)

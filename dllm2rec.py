@@ -29,7 +29,7 @@ import finetune
 import students
 import teacher as teacher_llm
 from common import Step, UserError, at_least, fraction, non_negative, opt, pick_device, positive
-from significance import ndcg_per_row, paired_test, signed_rank_test  # noqa: F401  (ndcg_per_row, signed_rank_test: tests)
+from significance import ndcg_per_row, paired_test, signed_rank_test  # noqa: F401  (two for the tests)
 
 KS = (5, 10, 20)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")

@@ -845,6 +845,15 @@ def test_synthetic_teacher_gives_rows_with_an_empty_history_the_most_popular_ite
     assert (t.splits["train"].ids[empty] == popular).all() and len(t.splits["train"].rows) == 400
 
 
+def test_mechanism_command_runs_on_rows_with_an_empty_history(monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    for split in (ds.train, ds.val, ds.test):
+        split.hist[::5], split.lens[::5] = ds.n_items, 0
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "--batch-size", "64"])
+    assert len(out["qualities"]["1.0"]) == len(diagnostics.MECHANISM_VARIANTS)
+
+
 def test_mechanism_command_prints_a_row_per_quality(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
     monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
