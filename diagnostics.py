@@ -100,13 +100,13 @@ def cmd_ablation(args, ds, method) -> dict:
           f"training rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(args.students)}; {args.seeds} "
           f"seeds; until validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); "
           f"{n_runs} runs on {device}")
+    against = {k: v for _, a in plans.values() for k, v in a.items()}
     out = {}
     for q in args.qualities:
         t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
         print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows",
               flush=True)
         runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device)
-        against = {k: v for _, a in plans.values() for k, v in a.items()}
         summary = method.summarise(runs, against)
         for table in args.tables:
             keep = [l for l in summary if table == "ablations" and "--" not in l["variant"]
@@ -239,14 +239,15 @@ def add_commands(sub, parent, method) -> dict:
     mc = sub.add_parser("mechanism", parents=[parent],
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
     cli.student_flags(mc, method.Config)
-    mc.add_argument("--qualities", type=checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]"), nargs="+", default=[1.0, 0.3, 0.0],
+    quality = checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]")
+    mc.add_argument("--qualities", type=quality, nargs="+", default=[1.0, 0.3, 0.0],
                     help="from 1 (knows the held-out transitions) to 0 (random)")
     mc.set_defaults(students=["sasrec"], epochs=5, patience=5)
     ab = sub.add_parser("ablation", parents=[parent],
                         help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
     cli.student_flags(ab, method.Config)
-    ab.add_argument("--qualities", type=checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]"), nargs="+",
-                    default=[0.5, 0.0], help="diagnostic teachers' qualities (0: the random teacher)")
+    ab.add_argument("--qualities", type=quality, nargs="+", default=[0.5, 0.0],
+                    help="diagnostic teachers' qualities (0: the random teacher)")
     ab.add_argument("--tables", type=choice_list(("ablations", "differences")), default=["ablations", "differences"],
                     help="comma-separated, from ablations,differences")
     ab.set_defaults(students=["sasrec", "dros"], seeds=3)
