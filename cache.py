@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, file_sha256
 
 FORMAT = "dllm2rec-teacher-cache/1"
 SPLITS = ("train", "val", "test")
@@ -81,8 +84,10 @@ def write_cache(folder, dataset, item_emb: np.ndarray, splits: dict[str, TopN], 
         if t.text is not None:
             arrays["text"] = np.asarray(t.text, dtype=str)
         atomic_write(folder / f"{name}.npz", lambda f: np.savez(f, **arrays))
+    names = ["item_embeddings.npy", *(f"{name}.npz" for name in splits)]
     manifest = {
         "format": FORMAT, "dataset": dataset.name, "fingerprint": dataset.fingerprint,
+        "files": {name: file_sha256(folder / name) for name in names},     # checked by read_cache
         "teacher": teacher, "n_items": int(item_emb.shape[0]), "d_llm": int(item_emb.shape[1]),
         "top_n": int(next(iter(splits.values())).ids.shape[1]) if splits else 0,
         "splits": {name: {"rows": len(getattr(dataset, name)), "covered": len(t.rows)} for name, t in splits.items()},
@@ -104,6 +109,15 @@ def read_cache(folder, dataset) -> TeacherOutputs:
         raise TeacherError(f"{mpath}: made for dataset {manifest.get('dataset')!r} with fingerprint "
                            f"{manifest.get('fingerprint')}, but the data loaded now ({dataset.name}) has "
                            f"fingerprint {dataset.fingerprint}: the rows differ, so its ranks would be misaligned")
+    if "files" not in manifest:
+        raise TeacherError(f"{mpath}: no sha256 of its files (an older cache); delete manifest.json and run the "
+                           "teacher again to assemble it from work/")
+    for name, sha in manifest["files"].items():
+        if not (folder / name).exists():
+            raise TeacherError(f"{folder / name}: missing (the manifest lists it)")
+        if file_sha256(folder / name) != sha:
+            raise TeacherError(f"{folder / name}: its sha256 differs from the manifest's: the file changed after "
+                               "it was written (delete the cache, or its manifest.json to assemble it again)")
     epath = folder / "item_embeddings.npy"
     item_emb = _load(epath, lambda: np.load(epath, allow_pickle=False))
     splits = {}
@@ -133,7 +147,7 @@ def read_official(folder, dataset) -> TeacherOutputs:
             raise TeacherError(f"{fpath}: written for rows with fingerprint {made.get('fingerprint')}, the data "
                                f"loaded now ({dataset.name}) has {dataset.fingerprint}: the ranks would be misaligned")
         for name, digest in made.get("sha256", {}).items():
-            if _sha256(folder / name) != digest:
+            if ((folder / name).exists() and file_sha256(folder / name)) != digest:
                 raise TeacherError(f"{folder / name}: changed since it was written beside {fpath.name} "
                                    "(rows reordered or edited?); row r must be training row r")
     else:
@@ -166,17 +180,21 @@ def export_official(teacher: TeacherOutputs, folder, dataset) -> None:
         raise TeacherError(f"{teacher.source}: covers {len(t.rows)} of {len(dataset.train)} training rows; "
                            "the official files need every row, in order")
     folder = Path(folder)
-    atomic_write(folder / "all_embeddings.pt", lambda f: torch.save(torch.from_numpy(teacher.item_emb), f))
-    atomic_write(folder / "myrank_train.txt", lambda f: np.savetxt(f, t.ids, fmt="%d"))
-    atomic_write(folder / "confidence_train.txt", lambda f: np.savetxt(f, t.dist, fmt="%.9g"))  # 9 digits: float32 exactly
+    folder.parent.mkdir(parents=True, exist_ok=True)
     files = ("all_embeddings.pt", "myrank_train.txt", "confidence_train.txt")
-    atomic_write(folder / "fingerprint.json", lambda f: f.write(json.dumps(
-        {"dataset": dataset.name, "fingerprint": dataset.fingerprint, "rows": len(dataset.train),
-         "sha256": {name: _sha256(folder / name) for name in files}}, indent=1).encode()))
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.partial-"))
+    try:            # every file written beside the folder first: a full disk leaves no partial export
+        torch.save(torch.from_numpy(teacher.item_emb), tmp / files[0])
+        np.savetxt(tmp / files[1], t.ids, fmt="%d")
+        np.savetxt(tmp / files[2], t.dist, fmt="%.9g")        # 9 digits: float32 exactly
+        (tmp / "fingerprint.json").write_text(json.dumps(
+            {"dataset": dataset.name, "fingerprint": dataset.fingerprint, "rows": len(dataset.train),
+             "sha256": {name: file_sha256(tmp / name) for name in files}}, indent=1))
+        folder.mkdir(exist_ok=True)
+        for name in (*files, "fingerprint.json"):
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_teacher(path, dataset) -> TeacherOutputs:

@@ -24,8 +24,9 @@ from common import (Parser, UserError, add_flags, at_least, at_the_boundary, che
 def student_flags(p, Config) -> None:
     """The options of every command that trains students: the run's, Config's, and Config's
     official_* switches in a group of their own, with --official for all of them."""
-    p.add_argument("--students", type=choice_list(students.STUDENTS), default=list(students.STUDENTS),
-                   help=f"comma-separated, from {','.join(students.STUDENTS)}")
+    p.add_argument("--students", type=choice_list(students.CHOICES), default=list(students.STUDENTS),
+                   help=f"comma-separated, from {','.join(students.CHOICES)} (+dro: with the DRO term, weight "
+                        f"--alpha, as the official code trains every backbone; dros = SASRec with it)")
     p.add_argument("--seeds", type=checked(int, at_least(1)), default=1,
                    help="number of seeds, from --seed (mean and std reported)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")

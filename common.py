@@ -4,15 +4,19 @@ written once, beside its help text), and the training step (eager, compiled or c
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import math
 import os
+import pickle
 import platform
+import re
 import sys
 import tempfile
 import traceback
 import time
+import zipfile
 from dataclasses import MISSING, field, fields
 from pathlib import Path
 
@@ -128,6 +132,11 @@ def at_least(n):
     return lambda v: None if v >= n else f"must be >= {n}"
 
 
+def between(lo, hi):
+    """A bound on both sides: sizes that would otherwise reach the allocator or overflow."""
+    return lambda v: None if lo <= v <= hi else f"must be in {lo}..{hi}"
+
+
 def positive(v):
     return None if v > 0 and math.isfinite(v) else "must be a finite number > 0"
 
@@ -200,7 +209,13 @@ def from_args(cls, args, **over):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line."""
+    """argparse, with a usage error on one line, and any text that starts with a minus and a
+    digit read as a value ("--lr -1e-3", "--shard -1/2" reach their checks, not "expected one
+    argument"): no flag here starts with a digit."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message):
         sys.exit(f"{self.prog}: error: {message}")
@@ -213,7 +228,10 @@ def at_the_boundary(run, verbose: bool):
         return run()
     except UserError as e:
         sys.exit(f"error: {e}")
-    except (OSError, ValueError, RuntimeError, KeyError, IndexError, ArithmeticError) as e:
+    except KeyboardInterrupt:
+        sys.exit("interrupted (a teacher run resumes from its last finished chunk when run again)")
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, ArithmeticError, EOFError, zipfile.BadZipFile,
+            csv.Error, pickle.UnpicklingError) as e:
         if verbose:
             traceback.print_exc()
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
@@ -226,13 +244,16 @@ class Step:
     """One optimisation step of loss_fn(model, cfg, *batch, static=...): forward, backward, Adam. mode "eager" is the reference (and the
     CPU's step); "compiled" runs it through torch.compile (backend: inductor, or aot_eager to
     trace without code generation); "captured" (CUDA): the first `warmup` steps run eagerly on
-    a side stream, the next is captured as one CUDA graph and replayed from then on with the
-    batch copied into static buffers: one launch a step instead of a few hundred. Compiled
-    and captured steps are static: fixed shapes, no host synchronisation."""
+    a side stream (at least one, so that Adam's lazily created state is not captured), the next
+    is captured as one CUDA graph and replayed from then on with the batch copied into static
+    buffers: one launch a step instead of a few hundred. Streams and graph live on the model's
+    device (cuda:1 too). Compiled and captured steps are static: fixed shapes, no host
+    synchronisation."""
 
     def __init__(self, loss_fn, model, opt, cfg, mode: str = "eager", static: bool | None = None,
                  warmup: int = 3, backend: str = "inductor"):
-        self.loss_fn, self.model, self.opt, self.cfg, self.mode, self.warmup = loss_fn, model, opt, cfg, mode, warmup
+        self.loss_fn, self.model, self.opt, self.cfg, self.mode = loss_fn, model, opt, cfg, mode
+        self.warmup = max(1, warmup) if mode == "captured" else warmup
         self.static = mode != "eager" if static is None else static
         model.embed.static = self.static                  # no data-dependent shapes in the input layer
         self.run = torch.compile(self.eager, backend=backend) if mode == "compiled" else self.eager
@@ -249,6 +270,10 @@ class Step:
         self.done += 1
         if self.mode != "captured":
             return self.run(*batch)
+        with torch.cuda.device(next(self.model.parameters()).device):   # streams and graph on the model's GPU
+            return self.captured(*batch)
+
+    def captured(self, *batch) -> torch.Tensor:
         if self.done <= self.warmup:                  # warm up off the default stream, as capture needs
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -243,6 +243,18 @@ def _parse_seq(value, where: str) -> list[int]:
     return [_int(v, where, "seq item id") for v in list(value)]
 
 
+def in_label_order(path: Path, labels: list, records: list) -> list:
+    """A pickled frame's rows in the order of their index labels: the official code looks the
+    teacher's row up by a training row's label (train_data.sample(...).index), ours by position,
+    so the two agree when label = position. Labels that are not 0..n-1 are refused."""
+    if labels == list(range(len(records))):
+        return records
+    if sorted(labels) != list(range(len(records))):
+        raise DataError(f"{path}: the frame's index is not 0..{len(records) - 1}; the official code maps "
+                        "teacher rows to training rows by it (reset the index, or export the CSV)")
+    return [rec for _, rec in sorted(zip(labels, records), key=lambda lr: lr[0])]
+
+
 def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Split:
     """One official split file (columns seq, len_seq, next). CSV, or a pandas pickle (.df)
     only when allow_pickle (unpickling runs arbitrary code)."""
@@ -250,9 +262,13 @@ def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Spli
         if not allow_pickle:
             raise DataError(f"{path}: a pickled DataFrame; reading it runs code. Use the CSV, "
                             "or pass --allow-pickle if you trust the file")
-        import pandas  # noqa: F401  (only needed to unpickle; not a dependency otherwise)
+        try:
+            import pandas  # only needed to unpickle; not a dependency otherwise
+        except ImportError:
+            raise DataError(f"{path}: reading a pickled DataFrame needs pandas (pip install pandas); "
+                            "or use the CSV") from None
         frame = pandas.read_pickle(path)
-        records = frame[["seq", "len_seq", "next"]].to_dict("records")
+        records = in_label_order(path, list(frame.index), frame[["seq", "len_seq", "next"]].to_dict("records"))
     else:
         try:
             with open(path, newline="", encoding="utf-8") as f:

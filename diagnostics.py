@@ -64,9 +64,9 @@ def cmd_mechanism(args, ds, method) -> dict:
 
 
 # ============================================================================ ablations and differences
-# the official switches measured per student: official_dro acts only on DROS, the others on any student
-OFFICIAL_SWITCHES = {"sasrec": ("official_weights", "official_neg", "official_protocol"),
-                     "dros": ("official_dro", "official")}
+# the official switches measured per student: official_dro acts only with the DRO term, the others on any student
+OFFICIAL_SWITCHES = {"plain": ("official_weights", "official_neg", "official_protocol"),
+                     "dro": ("official_dro", "official")}
 
 
 def ablation_variants(student: str, tables: list[str], method) -> tuple[list[dict], dict]:
@@ -80,7 +80,7 @@ def ablation_variants(student: str, tables: list[str], method) -> tuple[list[dic
             against[f"dllm2rec-{a}"] = "dllm2rec"
     if "differences" in tables:
         every = [f.name for f in fields(method.Config) if f.name.startswith("official_")]
-        for switch in OFFICIAL_SWITCHES.get(student, OFFICIAL_SWITCHES["sasrec"]):
+        for switch in OFFICIAL_SWITCHES["dro" if students.parse_student(student)[1] else "plain"]:
             label = "dllm2rec --" + switch.replace("_", "-")
             over = {f: True for f in every} if switch == "official" else {switch: True}
             variants.append({"distill": True, "label": label, **over})
@@ -197,7 +197,7 @@ def cmd_bench(args, ds, method) -> dict:
                 cfg = method.Config(student=student, distill=distill_on)
                 model = method.build_student(cfg, args.items, target, emb if distill_on else None).to(device)
                 opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
-                step = Step(method.training_loss, model, opt, cfg, mode, warmup=min(3, args.warmup))
+                step = Step(method.training_loss, model, opt, cfg, mode, warmup=min(3, args.warmup - 1))
                 g = torch.Generator(device="cpu").manual_seed(1)
                 times = []
                 for i in range(args.warmup + args.steps):
@@ -258,14 +258,15 @@ def add_commands(sub, parent, method) -> dict:
     c.set_defaults(students=["sasrec", "dros"])
     count = checked(int, at_least(1))
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")
-    b.add_argument("--students", type=choice_list(students.STUDENTS), default=["sasrec", "dros"],
+    b.add_argument("--students", type=choice_list(students.CHOICES), default=["sasrec", "dros"],
                    help="comma-separated; plain SASRec and DROS + DLLM2Rec are the official code's comparable rows")
     b.add_argument("--rows", type=count, default=119_836)
     b.add_argument("--items", type=count, default=17_408)
     b.add_argument("--d-llm", type=count, default=4096)
     b.add_argument("--batch-size", type=count, default=256)
     b.add_argument("--steps", type=count, default=20)
-    b.add_argument("--warmup", type=checked(int, at_least(0)), default=5, help="untimed steps first (the captured step: 3 eager, then capture)")
+    b.add_argument("--warmup", type=checked(int, at_least(2)), default=5,
+                   help="untimed steps first (the captured step: up to 3 eager, then the capture, all untimed)")
     b.add_argument("--eval-rows", type=count, default=14_980)
     b.add_argument("--games-dir", default="../shared/datasets/dllm2rec_game_partial",
                    help="official Games val/test files whose histories are resampled (else random)")

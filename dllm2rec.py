@@ -88,7 +88,7 @@ def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=Non
     s_cand [B, K]: the student's scores of the teacher's top-K items c_1..c_K (nearest first);
     s_neg [B]: its score of the row's sampled negative; dist [B, K]: the teacher's distances;
     cand [B, K]: the candidate ids; student_topk [B, K]: the student's current top-K ids;
-    dro_cand [B, K]: L_DRO(s, c_r) for the DROS student (adds alpha * w_r * L_DRO);
+    dro_cand [B, K]: L_DRO(s, c_r) for a student with the DRO term (adds alpha * w_r * L_DRO);
     covered [B] bool: rows the teacher ran on; the others contribute 0 to the batch mean, so a
     covered row weighs the same whatever the teacher's coverage.
     cfg gives lam, the gammas, alpha and which official formulas to use.
@@ -115,12 +115,12 @@ def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=Non
 class Config:
     """One student's training; flags are generated from the fields with help text. Defaults:
     the official README (lam, ed_weight, alpha, gammas, K, lr, batch) and the official code (patience 10)."""
-    student: str = "sasrec"          # one of students.STUDENTS
+    student: str = "sasrec"          # one of students.CHOICES
     distill: bool = False            # False: the undistilled baseline
     ablation: str = "none"           # one of ABLATIONS, or none
     lam: float = opt(0.7, "weight of the ranking distillation L_rank", non_negative)
     ed_weight: float = opt(0.3, "weight of the projected teacher embedding in e_i", non_negative)
-    alpha: float = opt(0.5, "DROS: weight of L_DRO", non_negative)
+    alpha: float = opt(0.5, "weight of L_DRO (dros, and any <student>+dro)", non_negative)
     gammas: tuple = opt((0.3, 0.5, 0.1), "gamma_p gamma_c gamma_o: mix of w_p, w_c, w_o", non_negative,
                         metavar=("P", "C", "O"))
     K: int = opt(10, "teacher candidates per row", at_least(1), flag="k")
@@ -190,11 +190,30 @@ def sample_negatives(hist: torch.Tensor, target: torch.Tensor, n_items: int, sta
         bad = (cand == target.unsqueeze(1)) | (cand.unsqueeze(2) == hist.unsqueeze(1)).any(2)
         return cand.gather(1, (~bad).int().argmax(1, keepdim=True)).squeeze(1)
     neg = torch.randint(0, n_items, target.shape, device=target.device)
-    while True:
+    for _ in range(MAX_REDRAWS):
         bad = (neg == target) | (neg.unsqueeze(1) == hist).any(1)
         if not bad.any():
             return neg
         neg = torch.where(bad, torch.randint(0, n_items, target.shape, device=target.device), neg)
+    raise RuntimeError(f"no valid negative after {MAX_REDRAWS} draws: does a row hold all {n_items} items?")
+
+
+MAX_REDRAWS = 10_000   # rounds of the eager sampler; check_trainable refuses rows without any valid negative
+
+
+def check_trainable(ds: data.Dataset, batch_size: int, full_batches: bool) -> None:
+    """Refuse, before any work, data a student cannot be trained on: a training row whose
+    history and target hold every item (no negative to sample), or fewer rows than one batch
+    where only full batches run (the captured step, the official protocol)."""
+    if full_batches and len(ds.train) < batch_size:
+        raise UserError(f"{ds.name}: {len(ds.train)} training rows, fewer than --batch-size {batch_size}; the "
+                        "captured step (CUDA) and --official-protocol run full batches only: a smaller --batch-size")
+    if ds.n_items <= data.MAX_HISTORY + 1:          # otherwise every row leaves at least one item out
+        held = np.concatenate([ds.train.hist, ds.train.target[:, None]], 1)
+        distinct = np.array([len(set(row) - {ds.n_items}) for row in held])
+        if (distinct >= ds.n_items).any():
+            r = int(np.argmax(distinct >= ds.n_items))
+            raise UserError(f"{ds.name}: training row {r + 1} holds all {ds.n_items} items: no negative item to sample")
 
 
 def bce_base(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
@@ -205,7 +224,8 @@ def bce_base(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
 
 def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_ids=None, t_dist=None,
                   covered=None, static: bool = False) -> torch.Tensor:
-    """Base BCE on (target, one negative) + the student's own term (+ lam * L_rank).
+    """Base BCE on (target, one negative) + alpha * L_DRO (dros, +dro) + the student's own term
+    (CL4SRec's) (+ lam * L_rank, which carries alpha * w_r * L_DRO(c_r) with DRO).
     hist [B, L], lens [B], target [B]; t_ids / t_dist [B, K] the teacher's top-K.
     static: fixed shapes and no host synchronisation, for a captured step."""
     neg = sample_negatives(hist, target, model.n_items, static)
@@ -213,14 +233,13 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
     s = model.score(h, torch.stack([target, neg], 1))                       # [B, 2]
     loss = bce_base(s[:, 0], s[:, 1])
     rank_on = cfg.rank_on and t_ids is not None
-    is_dros = isinstance(model, students.DROS)
-    scores_all = model.score_all(h) if is_dros else None                    # [B, n_items]
+    scores_all = model.score_all(h) if model.dro_alpha > 0 else None       # [B, n_items]
     dro_cand = None
-    if is_dros and rank_on:  # L_DRO with the target and with each candidate: one normaliser per row
-        dro = model.dro_terms(scores_all, torch.cat([target.unsqueeze(1), t_ids], 1))   # [B, 1 + K]
-        extra, dro_cand = model.alpha * dro[:, 0].mean(), dro[:, 1:]
-    else:
-        extra = model.extra_loss(hist, lens, h, target, scores_all)
+    if scores_all is not None:  # L_DRO with the target (and each candidate): one normaliser per row
+        dro = model.dro_terms(scores_all, torch.cat([target.unsqueeze(1), t_ids], 1) if rank_on else target.unsqueeze(1))
+        loss = loss + model.dro_alpha * dro[:, 0].mean()                   # dro [B, 1 (+ K)]
+        dro_cand = dro[:, 1:] if rank_on else None
+    extra = model.extra_loss(hist, lens, h, target)
     if extra is not None:
         loss = loss + extra
     if rank_on:
@@ -297,6 +316,8 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     if cfg.distill and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
     teacher = teacher if cfg.distill else None
+    capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
+    check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train = to_tensors(ds.train, device)
@@ -304,7 +325,6 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     extra = {name: to_tensors(s, device) for name, s in (subsets or {}).items()}
     item_emb = torch.as_tensor(teacher.item_emb) if teacher is not None else None
     model = build_student(cfg, ds.n_items, train[2], item_emb).to(device)
-    capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, capturable=capture)
     step = Step(training_loss, model, opt, cfg, "captured" if capture else "eager")
     tt = ()                                           # per training row: the teacher's top-K ids, distances, covered
@@ -452,6 +472,7 @@ def cmd_reproduce(args, ds) -> dict:
     trained to convergence over seeds; one table beside the popularity floor and the teacher."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
+    check_trainable(ds, args.batch_size, device.type == "cuda" or cli.config(args).official_protocol)
     teacher, teacher_eval, path = teacher_llm.stage(args, ds)
     t_teacher = time.perf_counter() - t_start
     preset, seeds = PRESET_STUDENTS[device.type]
@@ -459,7 +480,7 @@ def cmd_reproduce(args, ds) -> dict:
         args.students, args.seeds = args.students or list(preset), args.seeds or seeds
         if device.type == "cpu":
             print(f"on CPU the single command trains {', '.join(args.students)} over {args.seeds} seeds to fit about 20 "
-                  "minutes; the full protocol runs on CUDA, or here with --students gru4rec,sasrec,cl4srec,dros --seeds 3")
+                  "minutes; the full protocol runs on CUDA, or here with --students gru4rec,sasrec,cl4srec,dros,caser --seeds 3")
     print(f"students: {', '.join(args.students)}, {args.seeds} seed(s), until validation NDCG@20 has not improved "
           f"for {args.patience} epochs (at most {args.epochs}), on {device}")
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it

@@ -22,7 +22,8 @@ import torch.utils.checkpoint
 
 import teacher as teacher_io
 from cache import TeacherError
-from common import add_flags, at_least, fraction, atomic_write, check_writable, from_args, opt, pick_device, positive, write_json
+from common import (UserError, add_flags, at_least, atomic_write, check_writable, fraction, from_args, opt, pick_device,
+                    positive, write_json)
 
 
 @dataclass
@@ -161,16 +162,19 @@ def export_lora(model: TorchLlama, path, r: int, alpha: float) -> None:
     import gguf
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    for key, lora in model.lora.items():
-        i, name = key.split("_", 1)
-        w.add_tensor(f"blk.{i}.{name}.weight.lora_a", lora.lora_a.detach().float().cpu().numpy())
-        w.add_tensor(f"blk.{i}.{name}.weight.lora_b", lora.lora_b.detach().float().cpu().numpy())
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    tmp.replace(path)
+    try:                      # a failed write (a full disk) leaves neither the temporary file nor half an adapter
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for key, lora in model.lora.items():
+            i, name = key.split("_", 1)
+            w.add_tensor(f"blk.{i}.{name}.weight.lora_a", lora.lora_a.detach().float().cpu().numpy())
+            w.add_tensor(f"blk.{i}.{name}.weight.lora_b", lora.lora_b.detach().float().cpu().numpy())
+        w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ============================================================================ training
@@ -250,7 +254,7 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
     ckpt_path = out.with_name(out.name + ".ckpt")
     done, losses, seconds = 0, [], 0.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)   # tensors and plain data only: no code runs
         if ck["settings"] != same:
             raise TeacherError(f"{ckpt_path}: a checkpoint of other settings ({ck['settings']}); "
                                           "remove it or choose another --out")
@@ -269,6 +273,9 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"finetune: the loss became {losses[-1]} at step {len(losses)} (a smaller "
+                                         f"--lr than {lr}?); nothing of this epoch was written")
             log(f"  epoch {epoch + 1} step {len(losses)}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
         export_lora(model, out, r, alpha)
         atomic_write(ckpt_path, lambda f: torch.save(
@@ -284,6 +291,11 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
 def cmd_finetune(args, ds) -> dict:
     fs = from_args(FinetuneSettings, args)
     check_writable(fs.out, "--out")
+    out, model = Path(fs.out).resolve(), Path(fs.model or teacher_io.default_model()).resolve()
+    if out.suffix != ".gguf":
+        raise UserError(f"--out {fs.out}: expected a .gguf file name (its loss curve goes to the .json beside it)")
+    if out == model:
+        raise UserError(f"--out {fs.out}: is the model it fine-tunes; choose another file name")
     print(f"{ds.summary()}\nLoRA fine-tuning on {fs.samples} training rows, {fs.epochs} epoch(s)")
     r = train_lora(ds, fs, log=lambda line: print(line, flush=True))
     write_json(Path(fs.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint,

@@ -81,6 +81,10 @@ class LlamaTeacher:
         if st.lora and not self.llm._lora_adapter:   # a NULL pointer: llama.cpp refused the file
             raise TeacherError(f"{st.lora}: llama.cpp could not load it as a LoRA adapter of {self.model_path.name}")
         n_ctx, n_seq = st.n_ctx, st.n_seq
+        trained = llama_cpp.llama_model_n_ctx_train(self.llm._model.model)
+        if n_ctx > (n_seq + 1) * trained:       # more cells than its sequences can ever use: memory for nothing
+            raise TeacherError(f"--n-ctx {n_ctx}: more than (--teacher-seqs {n_seq} + 1) x the {trained} tokens "
+                               f"{self.model_path.name} was trained on")
         p = llama_cpp.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch = n_ctx, n_ctx, min(512, n_ctx)
         p.n_seq_max, p.kv_unified = n_seq + 1, True
@@ -103,6 +107,7 @@ class LlamaTeacher:
         self.prefix_len = 0
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
         self.next_allowed = None         # constrain_to(titles): {generated ids: allowed next ids}
+        self.longest_answer = None       # constrain_to(titles): tokens of the longest title
 
     def constrain_to(self, titles: list[str]) -> None:
         """Decode only answers that are '"title"' for a catalogue title: a trie over the titles'
@@ -116,6 +121,19 @@ class LlamaTeacher:
                 nxt.setdefault(toks[:k], set()).add(toks[k])
             nxt.setdefault(toks, set())
         self.next_allowed = {k: np.array(sorted(v), np.int64) for k, v in nxt.items()}
+        self.longest_answer = max(map(len, nxt))
+
+    def check_room(self, prefix: str, rests: list[str]) -> None:
+        """Refuse, before any decoding, a KV cache too small for the n_seq longest rows of
+        `rests` decoded together: the prefix, their prompts and their answers at most."""
+        answer = self.max_new_tokens if self.next_allowed is None else self.longest_answer
+        longest = sorted((len(self.tokenize(r, bos=False)) for r in rests), reverse=True)[:self.n_seq]
+        prefix_len = len(self.tokenize(prefix, bos=True))
+        need = prefix_len + sum(longest) + len(longest) * answer
+        if need > self.n_ctx:
+            raise TeacherError(f"--n-ctx {self.n_ctx} cannot hold {len(longest)} rows decoded together (--teacher-seqs "
+                               f"{self.n_seq}): prefix {prefix_len} + prompts {sum(longest)} + answers "
+                               f"{len(longest)} x {answer} = {need} tokens; raise --n-ctx to {need} or lower --teacher-seqs")
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=bos, special=self.chat_template is not None)

