@@ -317,7 +317,10 @@ def transition_counts(ds) -> np.ndarray:
     return counts
 
 
-def synthetic_teacher(ds, quality: float, counts: np.ndarray, top_n: int = 20, d_llm: int = 32,
+SYNTHETIC_TOP_N = 20   # candidates per row of the diagnostic teachers
+
+
+def synthetic_teacher(ds, quality: float, counts: np.ndarray, top_n: int = SYNTHETIC_TOP_N, d_llm: int = 32,
                       seed: int = 0) -> TeacherOutputs:
     """A DIAGNOSTIC teacher of known quality that sees held-out data. Quality 1: each training
     row's candidates are the items that most often follow its last item (counts), item

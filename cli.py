@@ -17,7 +17,7 @@ import torch
 import data
 import students
 import teacher as teacher_llm
-from common import (Parser, UserError, add_flags, at_least, at_the_boundary, check_writable, checked, choice_list,
+from common import (Parser, UserError, add_flags, at_least, at_the_boundary, between, check_writable, checked, choice_list,
                     cpu_name, from_args, pick_device, write_json)
 
 
@@ -27,7 +27,7 @@ def student_flags(p, Config) -> None:
     p.add_argument("--students", type=choice_list(students.CHOICES), default=list(students.STUDENTS),
                    help=f"comma-separated, from {','.join(students.CHOICES)} (+dro: with the DRO term, weight "
                         f"--alpha, as the official code trains every backbone; dros = SASRec with it)")
-    p.add_argument("--seeds", type=checked(int, at_least(1)), default=1,
+    p.add_argument("--seeds", type=checked(int, between(1, 1000)), default=1,
                    help="number of seeds, from --seed (mean and std reported)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", help="results JSON (default results/<dataset>-<time>.json)")
@@ -52,7 +52,7 @@ def config(args, **over):
 def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> list[dict]:
     """fit(ds, cfg, teacher, device, log, subsets) for every (student, variant, seed) of the
     command line, with the elapsed time and an ETA after each run. variants: a list of Config
-    overrides, e.g. {} (the base), {"distill": True, "ablation": "no_wp"}; an override "label"
+    overrides, e.g. {} (the base), {"distilled": True, "ablation": "no_wp"}; an override "label"
     names the variant in the table (default: Config.variant); a dict {student: list} gives each
     student its own."""
     per_student = variants if isinstance(variants, dict) else {s: variants for s in args.students}
@@ -62,7 +62,7 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> li
             over = dict(over)
             label = over.pop("label", None)
             for seed in range(args.seed, args.seed + args.seeds):
-                cfg = config(args, **{"distill": False, **over, "student": student, "seed": seed})
+                cfg = config(args, **{"distilled": False, **over, "student": student, "seed": seed})
                 label = label or cfg.variant
                 print(f"{student} {label} seed {seed} on {device}", flush=True)
                 r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)

@@ -14,9 +14,11 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,11 @@ def from_interactions(name: str, users, items, times, raw_titles: dict, domain: 
     raw ids in sorted order; users are taken in sorted order; each user's items by time,
     ties in file order."""
     keep = [t is not None and len(t.strip()) > 1 for t in (raw_titles.get(i) for i in items)]
+    if not all(keep):        # said, not silent: a truncated titles file drops the ratings of the items it lost
+        lost = sorted({i for i, k in zip(items, keep) if not k}, key=str)
+        print(f"{source}: {len(keep) - sum(keep)} of {len(keep)} interactions dropped: {len(lost)} items without a "
+              f"usable title (none, or <= 1 character, as BIGRec drops), e.g. {', '.join(map(str, lost[:3]))}",
+              file=sys.stderr)
     users = [u for u, k in zip(users, keep) if k]
     items = [i for i, k in zip(items, keep) if k]
     times = [t for t, k in zip(times, keep) if k]
@@ -229,6 +236,8 @@ def _int(value, where: str, what: str = "value") -> int:
         raise DataError(f"{where}: {what} {str(value)[:40]!r} is not an integer") from None
     if not f.is_integer():
         raise DataError(f"{where}: {what} {value!r} is not an integer")
+    if abs(f) >= 2**62:                  # ids and timestamps live in int64; 1e23 would overflow it
+        raise DataError(f"{where}: {what} {value!r} is out of range")
     return int(f)
 
 
@@ -271,13 +280,15 @@ def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Spli
         records = in_label_order(path, list(frame.index), frame[["seq", "len_seq", "next"]].to_dict("records"))
     else:
         try:
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:      # -sig: a byte-order mark is not a column
                 reader = csv.DictReader(f)
                 if not {"seq", "len_seq", "next"} <= set(reader.fieldnames or ()):
                     raise DataError(f"{path}: expected columns seq, len_seq, next; found {reader.fieldnames}")
                 records = list(reader)
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except csv.Error as e:                                             # e.g. a field over csv's size limit
+            raise DataError(f"{path} line {reader.line_num}: not CSV rows ({e})") from None
     if not records:
         raise DataError(f"{path}: no rows")
     hist, lens, target = [], [], []
@@ -294,7 +305,10 @@ def read_rows_file(path: Path, n_items: int, allow_pickle: bool = False) -> Spli
             raise DataError(f"{where}: padding inside the history; expected right padding")
         len_seq = _int(rec["len_seq"], where, "len_seq")
         if len_seq != real and not (real == 0 and len_seq == 1):   # LLaRA's empty histories say 1
-            raise DataError(f"{where}: len_seq {len_seq}, but seq holds {real} item ids before the padding")
+            shifted = len_seq < real and all(v == n_items - 1 for v in seq[max(len_seq, 1):])
+            hint = (f" (padded with {n_items - 1}? then the titles file has one title more than the rows' "
+                    f"catalogue: the pad id is the number of titles)") if shifted else ""
+            raise DataError(f"{where}: len_seq {len_seq}, but seq holds {real} item ids before the padding{hint}")
         hist.append(seq); lens.append(real); target.append(nxt)
     return Split(np.asarray(hist, np.int64).reshape(-1, MAX_HISTORY),
                  np.asarray(lens, np.int64), np.asarray(target, np.int64))
@@ -309,6 +323,8 @@ def read_official(folder: str | os.PathLike, name: str | None = None, allow_pick
     if not titles_path.exists():
         raise DataError(f"{titles_path}: missing; every item needs a title (title<TAB>id or id::title)")
     titles = read_titles(titles_path)
+    if not titles:
+        raise DataError(f"{titles_path}: no titles; every item needs one (title<TAB>id or id::title)")
     n_items = len(titles)
     if sorted(titles) != list(range(n_items)):
         raise DataError(f"{titles_path}: ids must be exactly 0..{n_items - 1}")
@@ -373,8 +389,9 @@ def load_dataset(spec: str, data_dir: str | None = None, allow_pickle: bool = Fa
                     "or one reviews and one meta_*.json file)")
 
 
-def _lines(path: Path, encoding: str = "utf-8"):
-    """Non-empty lines of a text file, plain or gzipped; a missing file is a DataError."""
+def _lines(path: Path, encoding: str = "utf-8-sig"):
+    """Non-empty lines of a text file, plain or gzipped (UTF-8 with or without a byte-order
+    mark by default); a missing, truncated or corrupt file is a DataError naming it."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -385,7 +402,9 @@ def _lines(path: Path, encoding: str = "utf-8"):
                 if line.strip():
                     yield line
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not {encoding} text ({e})") from None
+        raise DataError(f"{path}: not {encoding.removesuffix('-sig')} text ({e})") from None
+    except (EOFError, OSError, zlib.error) as e:      # BadGzipFile is an OSError; CRC and truncation too
+        raise DataError(f"{path}: unreadable, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _text_lines(path: Path):

@@ -21,7 +21,7 @@ import cli
 import data
 import students
 import teacher as teacher_llm
-from common import Step, at_least, checked, choice_list, pick_device, write_json
+from common import Step, UserError, at_least, between, checked, choice_list, pick_device, write_json
 
 
 # ============================================================================ mechanism check
@@ -33,6 +33,9 @@ def cmd_mechanism(args, ds, method) -> dict:
     """Distillation gain from synthetic teachers of known quality: full DLLM2Rec, without the
     importance weights (w_r = 1/K), ranking distillation only, embedding distillation only."""
     device = pick_device(args.device)
+    if len(args.students) > 1:
+        raise UserError(f"--students {','.join(args.students)}: the mechanism check trains one student")
+    method.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
     print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
           f"and test rows. {args.students[0]}, {args.epochs} epochs at most (fewer than to convergence, to fit "
           f"minutes on a CPU), selected on validation; test NDCG@20")
@@ -49,7 +52,7 @@ def cmd_mechanism(args, ds, method) -> dict:
         t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
         cells = []
         for label, ablation in MECHANISM_VARIANTS:
-            rs = [method.fit(ds, cli.config(args, student=student, distill=True, ablation=ablation, seed=args.seed + i),
+            rs = [method.fit(ds, cli.config(args, student=student, distilled=True, ablation=ablation, seed=args.seed + i),
                       t, device, log=lambda *_: None) for i in range(args.seeds)]
             m = float(np.mean([r["test"]["NDCG@20"] for r in rs]))
             table.setdefault(str(q), {})[label] = m
@@ -73,17 +76,17 @@ def ablation_variants(student: str, tables: list[str], method) -> tuple[list[dic
     """The runs of one student for the ablation table (the paper's Tables 8 and 9: base, full
     DLLM2Rec, each ablation) and the differences table (full DLLM2Rec with each official
     switch), and what each is compared with: {variant: reference variant}."""
-    variants, against = [{}, {"distill": True}], {"dllm2rec": "base"}
+    variants, against = [{}, {"distilled": True}], {"dllm2rec": "base"}
     if "ablations" in tables:
         for a in method.ABLATIONS:
-            variants.append({"distill": True, "ablation": a})
+            variants.append({"distilled": True, "ablation": a})
             against[f"dllm2rec-{a}"] = "dllm2rec"
     if "differences" in tables:
         every = [f.name for f in fields(method.Config) if f.name.startswith("official_")]
         for switch in OFFICIAL_SWITCHES["dro" if students.parse_student(student)[1] else "plain"]:
             label = "dllm2rec --" + switch.replace("_", "-")
             over = {f: True for f in every} if switch == "official" else {switch: True}
-            variants.append({"distill": True, "label": label, **over})
+            variants.append({"distilled": True, "label": label, **over})
             against[label] = "dllm2rec"
     return variants, against
 
@@ -93,6 +96,7 @@ def cmd_ablation(args, ds, method) -> dict:
     term acts on every row: diagnostic teachers covering all training rows, every run to
     convergence, over seeds, each change with the paired test."""
     device = pick_device(args.device)
+    method.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
     counts = cache.transition_counts(ds)
     plans = {s: ablation_variants(s, args.tables, method) for s in args.students}
     n_runs = len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values())
@@ -156,22 +160,30 @@ def cmd_compare(args, ds, method) -> dict:
 
 
 # ============================================================================ training-step benchmark
-def games_shaped(rows: int, n_items: int, d_llm: int, games_dir: Path | None, seed: int = 0):
-    """Synthetic data shaped like the paper's Games set; histories resampled from the official
-    Games val/test rows when that folder is present, else random."""
+MAX_BENCH_BYTES = 16 * 2**30   # of the bench's synthetic teacher embeddings
+
+
+def games_shaped(rows: int, n_items: int, d_llm: int, games_dir: Path | None, K: int, seed: int = 0):
+    """Synthetic data shaped like the paper's Games set (K teacher candidates a row); histories
+    resampled from the official Games val/test rows when that folder is present, else random."""
     g = np.random.default_rng(seed)
+    L = data.MAX_HISTORY
     if games_dir is not None and (games_dir / "val_data.csv").exists():
-        parts = [data.read_rows_file(games_dir / f, n_items) for f in ("val_data.csv", "test_data.csv")]
+        try:
+            parts = [data.read_rows_file(games_dir / f, n_items) for f in ("val_data.csv", "test_data.csv")]
+        except data.DataError as e:
+            raise UserError(f"--items {n_items}: too few for the Games rows of --games-dir ({e}); "
+                            "raise --items or pass --games-dir ''") from None
         pool = data.Split(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("hist", "lens", "target")))
         pick = g.integers(0, len(pool), rows)
         split, source = data.Split(pool.hist[pick], pool.lens[pick], pool.target[pick]), f"resampled from {games_dir}"
     else:
-        lens = g.integers(1, 11, rows)
-        hist = np.where(np.arange(10) < lens[:, None], g.integers(0, n_items, (rows, 10)), n_items)
+        lens = g.integers(1, L + 1, rows)
+        hist = np.where(np.arange(L) < lens[:, None], g.integers(0, n_items, (rows, L)), n_items)
         split, source = data.Split(hist, lens, g.integers(0, n_items, rows)), "random"
     emb = torch.randn(n_items, d_llm, generator=torch.Generator().manual_seed(seed))
-    ids = torch.stack([torch.randperm(n_items)[:10] for _ in range(256)])  # a pool of candidate rows
-    dist = 20 + torch.rand(256, 10).sort(1).values
+    ids = torch.stack([torch.randperm(n_items)[:K] for _ in range(256)])  # a pool of candidate rows
+    dist = 20 + torch.rand(256, K).sort(1).values
     return split, source, emb, ids, dist
 
 
@@ -180,9 +192,13 @@ def cmd_bench(args, ds, method) -> dict:
     DLLM2Rec, in each step mode: eager, and on CUDA the captured graph (--compile: also
     torch.compile); then one full-ranking evaluation."""
     device = pick_device(args.device)
+    if args.items * args.d_llm * 4 > MAX_BENCH_BYTES:
+        raise UserError(f"--items {args.items} x --d-llm {args.d_llm}: the teacher embeddings would take "
+                        f"{args.items * args.d_llm * 4 / 2**30:.0f} GiB (at most {MAX_BENCH_BYTES / 2**30:.0f} here)")
     torch.manual_seed(0)
     split, source, emb, pool_ids, pool_dist = games_shaped(args.rows, args.items, args.d_llm,
-                                                           Path(args.games_dir) if args.games_dir else None)
+                                                           Path(args.games_dir) if args.games_dir else None,
+                                                           method.Config().K)
     hist, lens, target = (torch.as_tensor(a, device=device) for a in (split.hist, split.lens, split.target))
     B = args.batch_size
     modes = ["eager"] + (["captured"] if device.type == "cuda" else []) + (["compiled"] if args.compile else [])
@@ -192,9 +208,9 @@ def cmd_bench(args, ds, method) -> dict:
     results = []
     for student in args.students:
         for distill_on in (False, True):
-            line = {"student": student, "distill": distill_on}
+            line = {"student": student, "distilled": distill_on}
             for mode in modes:
-                cfg = method.Config(student=student, distill=distill_on)
+                cfg = method.Config(student=student, distilled=distill_on)
                 model = method.build_student(cfg, args.items, target, emb if distill_on else None).to(device)
                 opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
                 step = Step(method.training_loss, model, opt, cfg, mode, warmup=min(3, args.warmup - 1))
@@ -260,10 +276,11 @@ def add_commands(sub, parent, method) -> dict:
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")
     b.add_argument("--students", type=choice_list(students.CHOICES), default=["sasrec", "dros"],
                    help="comma-separated; plain SASRec and DROS + DLLM2Rec are the official code's comparable rows")
-    b.add_argument("--rows", type=count, default=119_836)
-    b.add_argument("--items", type=count, default=17_408)
-    b.add_argument("--d-llm", type=count, default=4096)
-    b.add_argument("--batch-size", type=count, default=256)
+    b.add_argument("--rows", type=checked(int, between(1, 10**7)), default=119_836)
+    b.add_argument("--items", type=checked(int, between(method.Config().K + 2, 10**7)), default=17_408,
+                   help="catalogue size (at least --k + 2: every row needs candidates and a negative)")
+    b.add_argument("--d-llm", type=checked(int, between(1, 65_536)), default=4096)
+    b.add_argument("--batch-size", type=checked(int, between(1, 1 << 16)), default=256)
     b.add_argument("--steps", type=count, default=20)
     b.add_argument("--warmup", type=checked(int, at_least(2)), default=5,
                    help="untimed steps first (the captured step: up to 3 eager, then the capture, all untimed)")

@@ -28,10 +28,10 @@ import diagnostics
 import finetune
 import students
 import teacher as teacher_llm
-from common import Step, UserError, at_least, fraction, non_negative, opt, pick_device, positive
+from common import Step, UserError, at_least, between, fraction, non_negative, opt, pick_device, positive
 from significance import ndcg_per_row, paired_test, signed_rank_test  # noqa: F401  (two for the tests)
 
-KS = (5, 10, 20)
+CUTOFFS = (5, 10, 20)   # the k of HR@k and NDCG@k (cfg.K is the number of teacher candidates)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
 OFFICIAL_EPS = 1e-8   # the official code adds it to exp(-d_r) and to the 0/1 consistency weight
 
@@ -116,7 +116,7 @@ class Config:
     """One student's training; flags are generated from the fields with help text. Defaults:
     the official README (lam, ed_weight, alpha, gammas, K, lr, batch) and the official code (patience 10)."""
     student: str = "sasrec"          # one of students.CHOICES
-    distill: bool = False            # False: the undistilled baseline
+    distilled: bool = False          # False: the undistilled baseline
     ablation: str = "none"           # one of ABLATIONS, or none
     lam: float = opt(0.7, "weight of the ranking distillation L_rank", non_negative)
     ed_weight: float = opt(0.3, "weight of the projected teacher embedding in e_i", non_negative)
@@ -125,13 +125,13 @@ class Config:
                         metavar=("P", "C", "O"))
     K: int = opt(10, "teacher candidates per row", at_least(1), flag="k")
     lr: float = opt(1e-3, "Adam learning rate", positive)
-    batch_size: int = opt(256, "rows per step", at_least(1))
+    batch_size: int = opt(256, "rows per step", between(1, 1 << 16))
     weight_decay: float = opt(0.0, "Adam weight decay", non_negative)
     epochs: int = opt(100, "epochs at most", at_least(1))
     patience: int = opt(10, "stop after this many epochs without a better validation NDCG@20", at_least(1))
-    dim: int = opt(64, "embedding size of the students", at_least(1))
+    dim: int = opt(64, "embedding size of the students", between(1, 4096))
     dropout: float = opt(0.1, "dropout of the students", fraction)
-    seed: int = opt(0, "first seed", at_least(0))
+    seed: int = opt(0, "first seed", between(0, 2**31 - 1))
     official_weights: bool = opt(False, "w_c = (exp(-d)+1e-8)/sum and w_o in {1e-8, 1} (default: exact softmax, {0, 1})")
     official_neg: bool = opt(False, "-log sigmoid(1 - s_neg) in L_rank (default: -log(1 - sigmoid(s_neg)))")
     official_dro: bool = opt(False, "DRO candidate term as the official broadcast, mean(w_r) * mean(L_DRO) "
@@ -145,15 +145,15 @@ class Config:
 
     @property
     def variant(self) -> str:
-        return "base" if not self.distill else "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
+        return "base" if not self.distilled else "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
 
     @property
     def rank_on(self) -> bool:
-        return self.distill and self.ablation != "no_rank"
+        return self.distilled and self.ablation != "no_rank"
 
     @property
     def embed_on(self) -> bool:
-        return self.distill and self.ablation != "no_embed"
+        return self.distilled and self.ablation != "no_embed"
 
     @property
     def weight_gammas(self) -> tuple | None:
@@ -251,7 +251,7 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
 
 
 # ============================================================================ evaluation
-def metrics_from_ranks(ranks: torch.Tensor, ks=KS) -> dict:
+def metrics_from_ranks(ranks: torch.Tensor, ks=CUTOFFS) -> dict:
     """ranks [N], 0-based rank of each target -> HR@k and NDCG@k (= 1/log2(rank+2) if hit)."""
     out = {}
     for k in ks:
@@ -313,9 +313,9 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     epochs without improvement; report test at the selected epoch (official protocol: select
     and stop on test, evaluate with dropout on). subsets: {name: data.Split} also evaluated
     at every selected epoch (the reproduction passes the test rows the teacher covered)."""
-    if cfg.distill and teacher is None:
+    if cfg.distilled and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
-    teacher = teacher if cfg.distill else None
+    teacher = teacher if cfg.distilled else None
     capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
     check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
     torch.manual_seed(cfg.seed)
@@ -451,13 +451,28 @@ def ranking_share(covered: int, n_train: int, cfg: Config) -> str:
             f"lam x coverage = {cfg.lam:g} x {c:.4f} = {cfg.lam * c:.4f} (lam {cfg.lam:g} at full coverage)")
 
 
+def preflight(ds: data.Dataset, args, device, top_n: int | None) -> None:
+    """Checks of a training command that would otherwise fail only after a baseline or the
+    teacher has run: the data trainable, --k within the teacher's candidates (top_n, None:
+    no teacher) and the catalogue."""
+    cfg = cli.config(args)
+    check_trainable(ds, cfg.batch_size, device.type == "cuda" or cfg.official_protocol)
+    if top_n is not None and cfg.K > top_n:
+        raise UserError(f"--k {cfg.K}: more than the {top_n} candidates per row the teacher keeps (--top-n)")
+    if cfg.K > ds.n_items:
+        raise UserError(f"--k {cfg.K}: more than the {ds.n_items} items of {ds.name}")
+
+
 def cmd_train(args, ds) -> dict:
     device = pick_device(args.device)
+    if not args.teacher and (args.ablations or not args.baseline):
+        raise UserError("--ablations and --no-baseline act on distilled runs: they need --teacher")
     teacher = cache.load_teacher(args.teacher, ds) if args.teacher else None
+    preflight(ds, args, device, teacher.top_n if teacher is not None else None)
     if teacher is not None:
         print(teacher_llm.describe(teacher, ds))
     variants = [{}] if args.baseline or teacher is None else []
-    variants += [{"distill": True, "ablation": a} for a in ["none", *args.ablations]] if teacher is not None else []
+    variants += [{"distilled": True, "ablation": a} for a in ["none", *args.ablations]] if teacher is not None else []
     runs = cli.train_students(fit, ds, teacher, args, variants, device)
     summary = summarise(runs)
     print(format_table(summary))
@@ -472,7 +487,7 @@ def cmd_reproduce(args, ds) -> dict:
     trained to convergence over seeds; one table beside the popularity floor and the teacher."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
-    check_trainable(ds, args.batch_size, device.type == "cuda" or cli.config(args).official_protocol)
+    preflight(ds, args, device, args.top_n)
     teacher, teacher_eval, path = teacher_llm.stage(args, ds)
     t_teacher = time.perf_counter() - t_start
     preset, seeds = PRESET_STUDENTS[device.type]
@@ -485,7 +500,7 @@ def cmd_reproduce(args, ds) -> dict:
           f"for {args.patience} epochs (at most {args.epochs}), on {device}")
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
-    runs = cli.train_students(fit, ds, teacher, args, [{}, {"distill": True}], device, subsets)
+    runs = cli.train_students(fit, ds, teacher, args, [{}, {"distilled": True}], device, subsets)
     summary = summarise(runs)
     covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
     floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}

@@ -301,12 +301,13 @@ def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings) -> TeacherOutp
     """Bring the work chunks of other shards' cache folders into this one, then assemble."""
     work = Path(cache) / "work"
     model_path, prompt = model_and_prompt(ds, st)
-    check_identity(work, identity(ds, st, prompt, model_path))
-    for other in map(Path, shard_dirs):
-        owork = other / "work"
-        if not (owork / "identity.json").exists():
+    ident = identity(ds, st, prompt, model_path)
+    for owork in (work, *(Path(d) / "work" for d in shard_dirs)):    # every folder checked before anything is written
+        if owork != work and not (owork / "identity.json").exists():
             raise TeacherError(f"{owork}: no teacher work here (identity.json missing)")
-        check_identity(work, json.loads((owork / "identity.json").read_text()))
+        check_identity(owork, ident, write=False)
+    check_identity(work, ident)
+    for owork in (Path(d) / "work" for d in shard_dirs):
         for f in sorted(owork.glob("*-*.npz")):
             if not (work / f.name).exists():
                 atomic_write(work / f.name, lambda out, f=f: out.write(f.read_bytes()))
@@ -397,6 +398,9 @@ def cmd_run(args, ds) -> TeacherOutputs | None:
 
 def cmd_bench(args, ds) -> dict:
     st = from_args(TeacherSettings, args)
+    if args.rows > len(ds.train) or (args.items or 0) > ds.n_items:
+        raise UserError(f"--rows {args.rows} / --items {args.items}: {ds.name} has {len(ds.train)} training rows "
+                        f"and {ds.n_items} items")
     r = bench(ds, st, rows=args.rows, items=args.items)
     print(f"teacher bench on {ds.name}, model {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}, "
           f"{st.n_seq} rows per batch, threads {st.threads or os.cpu_count()}")
@@ -425,6 +429,8 @@ def default_adapter(args, ds) -> tuple[str | None, bool]:
     """(adapter, titles_only): the committed SmolLM2 adapter, served as its .json says
     ("titles_only", chosen on validation), when the default model runs on the ML-100K rows it
     was trained on (the .json names their fingerprint) and no model or adapter is asked for."""
+    if args.zero_shot and args.lora:
+        raise UserError(f"--zero-shot with --lora {args.lora}: the one asks for no adapter, the other names one")
     if args.model or args.lora or args.zero_shot or not DEFAULT_ADAPTER.exists():
         return args.lora, args.titles_only
     made = json.loads(DEFAULT_ADAPTER.with_suffix(".json").read_text())

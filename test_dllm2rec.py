@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import dllm2rec as D
 import finetune as FT
 import students as S
 import teacher as T
-from common import from_args
+from common import at_the_boundary, from_args
 
 ROOT = Path(__file__).resolve().parent
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", ROOT.parent / "shared" / "datasets" / "ml-100k"))
@@ -659,7 +660,7 @@ def test_training_loss_composes_the_terms_of_spec(name, distilled):
     t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
     t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
     model = student(name, n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
-    cfg = D.Config(student=name, distill=distilled)
+    cfg = D.Config(student=name, distilled=distilled)
     torch.manual_seed(7)
     loss = D.training_loss(model, cfg, hist, lens, target, *((t_ids, t_dist) if distilled else ()))
     torch.manual_seed(7)
@@ -810,7 +811,7 @@ def test_a_seed_reproduces_the_same_run():
     ds = tiny_dataset()
     t = random_teacher(ds)
     for student in S.STUDENTS:
-        cfg = D.Config(student=student, distill=True, epochs=2, batch_size=64, seed=3)
+        cfg = D.Config(student=student, distilled=True, epochs=2, batch_size=64, seed=3)
         a, b = (D.fit(ds, cfg, t, log=lambda *a: None) for _ in range(2))
         assert [e["loss"] for e in a["epochs"]] == [e["loss"] for e in b["epochs"]] and a["test"] == b["test"]
 
@@ -820,7 +821,7 @@ def run_steps(student, mode, device, steps=3, backend="inductor"):
     seed, with the step in the given mode (every mode static: fixed shapes, no host sync)."""
     ds = tiny_dataset()
     t = random_teacher(ds)
-    cfg = D.Config(student=student, distill=True, batch_size=64)
+    cfg = D.Config(student=student, distilled=True, batch_size=64)
     torch.manual_seed(0)
     model = D.build_student(cfg, ds.n_items, torch.as_tensor(ds.train.target), torch.as_tensor(t.item_emb)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
@@ -861,26 +862,31 @@ def test_static_negatives_avoid_history_and_target():
     assert not (neg == target).any() and not (neg[:, None] == hist).any()
 
 
-@pytest.mark.parametrize("student", S.STUDENTS)
+@pytest.mark.parametrize("student", S.CHOICES)
 @pytest.mark.parametrize("ablation", ["none", "no_wo", "no_offset"])
 def test_every_student_trains_with_and_without_distillation(student, ablation):
     ds = tiny_dataset()
     t = random_teacher(ds, rows=np.arange(0, 300, 2))
-    cfg = D.Config(student=student, distill=True, ablation=ablation, epochs=2, batch_size=64)
+    cfg = D.Config(student=student, distilled=True, ablation=ablation, epochs=2, batch_size=64)
     r = D.fit(ds, cfg, t, log=lambda *a: None)
     assert r["teacher_rows_covered"] == 150 and len(r["epochs"]) == 2
     assert all(math.isfinite(e["loss"]) for e in r["epochs"])
     assert 0 <= r["test"]["NDCG@20"] <= r["test"]["HR@20"] <= 1
+    if ablation == "none":
+        base = D.fit(ds, D.Config(student=student, epochs=1, batch_size=64), log=lambda *a: None)
+        assert base["variant"] == "base" and math.isfinite(base["epochs"][0]["loss"])
 
 
-def test_end_to_end_planted_teacher_helps_random_teacher_does_no_harm(ml100k, tmp_path):
+def test_end_to_end_a_planted_teacher_helps_and_a_random_one_still_trains(ml100k, tmp_path):
+    """A teacher that plants the target lifts NDCG@20 by 30% in 4 epochs; a random teacher on 10 rows
+    leaves a finite loss and a student above chance (whether it harms is measured by `ablation`)."""
     C.write_cache(tmp_path, ml100k, *(lambda t: (t.item_emb, t.splits))(planted_teacher(ml100k)), {"model": "planted"})
     planted = C.load_teacher(tmp_path, ml100k)
     cfg = dict(student="sasrec", epochs=4, patience=2)
     base = D.fit(ml100k, D.Config(**cfg), log=lambda *a: None)
-    taught = D.fit(ml100k, D.Config(distill=True, **cfg), planted, log=lambda *a: None)
+    taught = D.fit(ml100k, D.Config(distilled=True, **cfg), planted, log=lambda *a: None)
     assert taught["test"]["NDCG@20"] > 1.3 * base["test"]["NDCG@20"], (base["test"], taught["test"])
-    noise = D.fit(ml100k, D.Config(distill=True, **{**cfg, "epochs": 2}), random_teacher(ml100k, n=10), log=lambda *a: None)
+    noise = D.fit(ml100k, D.Config(distilled=True, **{**cfg, "epochs": 2}), random_teacher(ml100k, n=10), log=lambda *a: None)
     assert all(math.isfinite(e["loss"]) for e in noise["epochs"]) and noise["test"]["HR@20"] > 0.01
 
 
@@ -976,7 +982,7 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--seeds", "0"], "--seeds"), (["train", "--k", "0"], "--k: 0: must be >= 1"),
-    (["train", "--batch-size", "-5"], "--batch-size: -5: must be >= 1"), (["train", "--lam", "-1"], "--lam"),
+    (["train", "--batch-size", "-5"], "--batch-size: -5: must be in 1..65536"), (["train", "--lam", "-1"], "--lam"),
     (["train", "--gammas", "-1", "0.5", "0.1"], "--gammas: -1"), (["train", "--gammas", "0", "0", "0"], "--gammas 0.0"),
     (["train", "--epochs", "0"], "--epochs"), (["train", "--lr", "nan"], "--lr: nan"),
     (["train", "--seed", "-1"], "--seed"), (["reproduce", "--teacher-rows", "-5"], "--teacher-rows"),
@@ -984,6 +990,12 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
     (["finetune", "--out", "a.gguf", "--lr", "0"], "--lr"), (["teacher", "--shard", "2/2"], "--shard"),
     (["mechanism", "--qualities", "1", "1.5"], "--qualities: 1.5"), (["teacher-bench", "--rows", "0"], "--rows: 0"),
     (["bench", "--batch-size", "0"], "--batch-size: 0"), (["bench", "--students", "bert"], "--students"),
+    (["train", "--lr", "-1e-3"], "--lr: -1e-3: must be"), (["teacher", "--shard", "-1/2"], "--shard: -1/2"),
+    (["train", "--dim", "100000000"], "--dim: 100000000: must be in 1..4096"),
+    (["train", "--seed", "99999999999"], "--seed: 99999999999"), (["bench", "--d-llm", "1e9"], "--d-llm"),
+    (["bench", "--rows", "100000000000"], "--rows"), (["bench", "--items", "1"], "--items: 1: must be in 12.."),
+    (["teacher", "--teacher-seqs", "100000"], "--teacher-seqs"), (["teacher", "--n-ctx", "1000000000"], "--n-ctx"),
+    (["teacher", "--threads", "100000"], "--threads: 100000: must be in 1..512"), (["bench", "--warmup", "0"], "--warmup"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -1009,6 +1021,117 @@ def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(D.data, "load_dataset", lambda *a: open(tmp_path / "missing" / "u.data"))
     with pytest.raises(SystemExit, match=r"error: .*missing/u.data: FileNotFoundError.*\(-v shows the traceback\)"):
         D.main(["train"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--k", "30", "--teacher", "T"], "--k 30: more than the 12 candidates per row the teacher keeps"),
+    (["reproduce", "--top-n", "5"], "--k 10: more than the 5 candidates per row"),
+    (["mechanism", "--k", "30"], "--k 30: more than the 20 candidates"),
+    (["ablation", "--k", "30"], "--k 30: more than the 20 candidates"),
+    (["mechanism", "--students", "sasrec,dros"], "the mechanism check trains one student"),
+    (["train", "--ablations", "no_wp"], "need --teacher"), (["train", "--no-baseline"], "need --teacher"),
+    (["reproduce", "--zero-shot", "--lora", "A"], "--zero-shot with --lora"),
+    (["train", "--device", "cpu", "--official-protocol", "--batch-size", "400"], "300 training rows, fewer than --batch-size 400"),
+])
+def test_bad_combinations_are_refused_after_loading_before_any_work(argv, message, tmp_path, monkeypatch):
+    """Checks that need the data or the teacher's files, done before a baseline or the teacher runs."""
+    ds = tiny_dataset()
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(D, "fit", lambda *a, **k: pytest.fail("a student trained before the check"))
+    monkeypatch.setattr(T, "run_teacher", lambda *a, **k: pytest.fail("the teacher ran before the check"))
+    (tmp_path / "A").write_bytes(b"GGUF")
+    C.write_cache(tmp_path / "T", ds, *(lambda t: (t.item_emb, t.splits))(random_teacher(ds)), {"model": "random"})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        D.main(argv)
+
+
+def test_no_negative_item_is_refused_and_the_sampler_never_loops_for_ever():
+    ds = tiny_dataset(n_items=3, rows=(6, 2, 2))
+    ds.train.hist[0, :2], ds.train.lens[0], ds.train.target[0] = (0, 1), 2, 2
+    ds.train.hist[0, 2:] = 3
+    with pytest.raises(D.UserError, match="training row 1 holds all 3 items: no negative item"):
+        D.fit(ds, D.Config(epochs=1))
+    hist = torch.tensor([[0, 1] + [3] * 8])
+    with pytest.raises(RuntimeError, match="no valid negative after"):
+        D.sample_negatives(hist, torch.tensor([2]), 3, static=False)
+
+
+def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
+    """A byte-order mark is read past; a truncated gzip, a CSV field over csv's limit, an
+    out-of-range timestamp, an empty titles file and a titles file one title too long are each
+    refused naming the file; titles lost from u.item are said, with the ratings they drop."""
+    write_official(tmp_path, "bigrec", [([1, 2] + [5] * 8, 2, 3)], 5)
+    for name in ("id2name.txt", "train_data.csv"):
+        p = tmp_path / name
+        p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert data.load_dataset(str(tmp_path)).n_items == 5
+    (tmp_path / "id2name.txt").write_text(open(tmp_path / "id2name.txt", encoding="utf-8-sig").read() + "\nTitle 5\t5")
+    with pytest.raises(data.DataError, match=r"train_data.csv row 1: len_seq 2, .*padded with 5\? then the titles file"):
+        data.load_dataset(str(tmp_path))
+    (tmp_path / "id2name.txt").write_text("\n")
+    with pytest.raises(data.DataError, match=r"id2name.txt: no titles"):
+        data.load_dataset(str(tmp_path))
+    gz = tmp_path / "r.json.gz"
+    gz.write_bytes(gzip.compress(b'{"reviewerID": "u"}\n' * 100)[:40])
+    with pytest.raises(data.DataError, match=r"r.json.gz: unreadable, truncated or corrupt"):
+        list(data._lines(gz))
+    big = tmp_path / "big"
+    write_official(big, "bigrec", [([1, 2] + [5] * 8, 2, 3)], 5)
+    (big / "val_data.csv").write_text('seq,len_seq,next\n"' + "1" * 200_000 + '",2,3\n')
+    with pytest.raises(data.DataError, match=r"val_data.csv line \d+: not CSV rows"):
+        data.load_dataset(str(big))
+    with pytest.raises(data.DataError, match=r"u.data line 3: value '1e23' is out of range"):
+        data._int("1e23", "u.data line 3")
+    ml = tmp_path / "ml"
+    ml.mkdir()
+    (ml / "u.data").write_text("".join(f"{u}\t{i}\t5\t{100 * u + i}\n" for u in (1, 2) for i in range(1, 14)))
+    (ml / "u.item").write_text("".join(f"{i}|Movie {i}|x\n" for i in range(1, 13)))        # item 13 lost
+    ds = data.load_dataset(str(ml))
+    assert ds.n_items == 12 and "2 of 26 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
+
+
+def test_ctrl_c_and_corrupt_archives_end_in_one_line():
+    def raises(e):
+        def run():
+            raise e
+        return run
+    for e, message in [(KeyboardInterrupt(), "interrupted (a teacher run resumes"), (EOFError("x"), "EOFError: x"),
+                       (zipfile.BadZipFile("File is not a zip file"), "BadZipFile: File is not a zip file"),
+                       (pickle.UnpicklingError("bad"), "UnpicklingError: bad")]:
+        with pytest.raises(SystemExit) as out:
+            at_the_boundary(raises(e), verbose=False)
+        assert message in str(out.value.code) and len(str(out.value.code).splitlines()) == 1
+
+
+def test_a_full_disk_leaves_no_partial_export_and_no_temporary_file(tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    t = random_teacher(ds)
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(np, "savetxt", full)
+        with pytest.raises(OSError, match="No space left"):
+            C.export_official(t, tmp_path / "official", ds)
+    assert list(tmp_path.iterdir()) == []                          # no folder, no temporary folder
+    C.export_official(t, tmp_path / "official", ds)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+    if importlib.util.find_spec("gguf"):
+        import gguf
+        cfg = FT.LlamaConfig(n_layer=1, d=8, n_head=2, n_kv=2, ff=16, n_vocab=10, eps=1e-5, rope_base=1e4, n_rot=4)
+        model = FT.TorchLlama(cfg, {"blk.0.attn_q.weight": torch.zeros(8, 8), "blk.0.attn_v.weight": torch.zeros(8, 8)}, r=2, alpha=4)
+        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", lambda *a, **k: full())
+        with pytest.raises(OSError, match="No space left"):
+            FT.export_lora(model, tmp_path / "adapter.gguf", r=2, alpha=4)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+
+
+def test_a_captured_step_always_warms_up_eagerly_first():
+    """Adam creates its state on the first step: captured, it would be reset at every replay."""
+    m = student(S.SASRec, 10)
+    opt = torch.optim.Adam(m.parameters())
+    assert D.Step(D.training_loss, m, opt, D.Config(), "captured", warmup=0).warmup == 1
+    assert D.Step(D.training_loss, m, opt, D.Config(), "eager", warmup=0).warmup == 0
 
 
 def test_each_command_keeps_its_own_defaults():
@@ -1233,7 +1356,7 @@ def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
     assert np.array_equal(again.splits["train"].ids, t.splits["train"].ids)
     m = C.teacher_metrics(t.splits["test"], ds.test.target)
     assert m["rows"] == 20 and "HR@20" not in m and 0 <= m["NDCG@10"] <= m["HR@10"] <= 1   # top-15 kept
-    r = D.fit(ds, D.Config(student="sasrec", distill=True, epochs=1, batch_size=64), t, log=lambda *a: None)
+    r = D.fit(ds, D.Config(student="sasrec", distilled=True, epochs=1, batch_size=64), t, log=lambda *a: None)
     assert r["teacher_rows_covered"] == 150
 
 
@@ -1507,6 +1630,32 @@ def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path):
     assert (tmp_path / "part.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
     with pytest.raises(C.TeacherError, match="part.gguf.ckpt: a checkpoint of other settings"):
         FT.train_lora(ds, settings(tmp_path / "part.gguf", 3, lr=1e-3), log=lambda *a: None)
+
+
+class RunsCode:
+    """A pickled object that would run code when unpickled (a planted checkpoint)."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("planted-code-ran"),))
+
+
+@needs_llm
+def test_finetune_refuses_planted_checkpoints_divergence_and_bad_outputs(tiny_model, tmp_path, monkeypatch):
+    ds = tiny_dataset()
+    ds.domain = "movies"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    settings = lambda out, lr: FT.FinetuneSettings(out=str(out), model=str(tiny_model), samples=8, r=4, lr=lr, batch_size=4)
+    torch.save({"settings": RunsCode()}, tmp_path / "a.gguf.ckpt")
+    with pytest.raises(pickle.UnpicklingError):                 # weights_only: no code runs
+        FT.train_lora(ds, settings(tmp_path / "a.gguf", 1e-2), log=lambda *a: None)
+    assert not (tmp_path / "planted-code-ran").exists()
+    with pytest.raises(FloatingPointError, match=r"finetune: the loss became nan at step \d+ \(a smaller --lr"):
+        FT.train_lora(ds, settings(tmp_path / "b.gguf", 1e30), log=lambda *a: None)
+    assert not list(tmp_path.glob("b.gguf*"))                    # no adapter of NaN tensors, no checkpoint
+    for out, message in [(tiny_model, "is the model it fine-tunes"), (tmp_path / "a.json", "expected a .gguf file name")]:
+        with pytest.raises(SystemExit, match=message):
+            D.main(["finetune", "--model", str(tiny_model), "--out", str(out)])
 
 
 @needs_llm
