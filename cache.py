@@ -345,3 +345,20 @@ def synthetic_teacher(ds, quality: float, counts: np.ndarray, top_n: int = SYNTH
     rows = np.arange(len(ds.train))
     return TeacherOutputs(z.astype(np.float32), {"train": TopN(rows, ids, dist)},
                                      source=f"synthetic teacher, quality {quality}")
+
+
+def mixed_teacher(ds, counts: np.ndarray, seed: int = 0) -> TeacherOutputs:
+    """A DIAGNOSTIC teacher that is right for some rows and hallucinates for the others, as an
+    LLM may: on a random half of the training rows (rows carry no user) the quality-1 teacher's
+    candidates, on the other half the random teacher's (whose larger distances make it honest
+    about its confidence); item embeddings those of quality 0.5."""
+    good, bad = (synthetic_teacher(ds, q, counts, seed=seed + k) for k, q in enumerate((1.0, 0.0)))
+    n = len(ds.train)
+    oracle = np.zeros(n, bool)
+    oracle[np.random.default_rng(seed).permutation(n)[:n // 2]] = True
+    pick = lambda a, b: np.where(oracle[:, None], a, b)
+    g, b = good.splits["train"], bad.splits["train"]
+    top = TopN(g.rows, pick(g.ids, b.ids), pick(g.dist, b.dist).astype(np.float32))
+    emb = synthetic_teacher(ds, 0.5, counts, seed=seed).item_emb
+    return TeacherOutputs(emb, {"train": top}, {"oracle_rows": int(oracle.sum())},
+                          source="mixed teacher: quality 1 on half the rows, random on the rest")

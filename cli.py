@@ -49,14 +49,28 @@ def config(args, **over):
     return from_args(args.Config, args, **over)
 
 
-def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> list[dict]:
+class RunClock:
+    """Runs done of all that a command asks for, over one or several train_students calls."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def tick(self) -> str:
+        self.done += 1
+        spent = time.perf_counter() - self.t0
+        eta = spent / self.done * (self.total - self.done)
+        return f"[run {self.done}/{self.total}, {spent / 60:.1f} min, ETA {eta / 60:.0f} min]"
+
+
+def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock: RunClock | None = None) -> list[dict]:
     """fit(ds, cfg, teacher, device, log, subsets) for every (student, variant, seed) of the
-    command line, with the elapsed time and an ETA after each run. variants: a list of Config
-    overrides, e.g. {} (the base), {"distilled": True, "ablation": "no_wp"}; an override "label"
-    names the variant in the table (default: Config.variant); a dict {student: list} gives each
-    student its own."""
+    command line, with the elapsed time and an ETA after each run (clock: of a command that
+    calls this more than once). variants: a list of Config overrides, e.g. {} (the base),
+    {"distilled": True, "ablation": "no_wp"}; an override "label" names the variant in the
+    table (default: Config.variant); a dict {student: list} gives each student its own."""
     per_student = variants if isinstance(variants, dict) else {s: variants for s in args.students}
-    runs, total, t0 = [], sum(len(per_student[s]) for s in args.students) * args.seeds, time.perf_counter()
+    runs = []
+    clock = clock or RunClock(sum(len(per_student[s]) for s in args.students) * args.seeds)
     for student in args.students:
         for over in per_student[student]:
             over = dict(over)
@@ -68,12 +82,9 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None) -> li
                 r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
                 r["variant"] = label
                 runs.append(r)
-                spent = time.perf_counter() - t0
-                eta = spent / len(runs) * (total - len(runs))
                 print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
                       f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
-                      f"{r['wall_s']['eval']:.0f}s eval) [run {len(runs)}/{total}, {spent / 60:.1f} min, "
-                      f"ETA {eta / 60:.0f} min]", flush=True)
+                      f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)
     return runs
 
 

@@ -7,6 +7,7 @@ The official code's timings are in the README, not here: figures vary 2x between
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import resource
 import time
@@ -21,7 +22,8 @@ import cli
 import data
 import students
 import teacher as teacher_llm
-from common import Step, UserError, at_least, between, checked, choice_list, pick_device, write_json
+from common import (Step, UserError, at_least, atomic_write, between, check_writable, checked, choice_list,
+                    pick_device, write_json)
 
 
 # ============================================================================ mechanism check
@@ -29,41 +31,124 @@ MECHANISM_VARIANTS = (("full DLLM2Rec", "none"), ("uniform w_r", "no_weights"), 
                       ("embedding only", "no_rank"))
 
 
+def mechanism_teachers(ds, args) -> list[tuple[str, object]]:
+    """(name, teacher): one diagnostic teacher per --qualities entry (a quality, or "mixed")."""
+    counts = cache.transition_counts(ds)
+    return [("mixed", cache.mixed_teacher(ds, counts, seed=args.seed)) if q == "mixed" else
+            (f"{q:.2f}", cache.synthetic_teacher(ds, q, counts, seed=args.seed)) for q in args.qualities]
+
+
 def cmd_mechanism(args, ds, method) -> dict:
     """Distillation gain from synthetic teachers of known quality: full DLLM2Rec, without the
-    importance weights (w_r = 1/K), ranking distillation only, embedding distillation only."""
+    importance weights (w_r = 1/K), ranking distillation only, embedding distillation only;
+    each against the base student with the paired test, and full DLLM2Rec against uniform weights."""
     device = pick_device(args.device)
     if len(args.students) > 1:
         raise UserError(f"--students {','.join(args.students)}: the mechanism check trains one student")
     method.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
+    check_plot(args.plot)
+    if args.converged:
+        args.epochs, args.patience = method.Config.epochs, method.Config.patience
+    student, teachers = args.students[0], mechanism_teachers(ds, args)
+    variants = [{"distilled": True, "ablation": a, "label": label} for label, a in MECHANISM_VARIANTS]
+    clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)))
     print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
-          f"and test rows. {args.students[0]}, {args.epochs} epochs at most (fewer than to convergence, to fit "
-          f"minutes on a CPU), selected on validation; test NDCG@20")
-    counts = cache.transition_counts(ds)
-    student = args.students[0]
-    base_runs = [method.fit(ds, cli.config(args, student=student, seed=args.seed + i), None, device, log=lambda *_: None)
-                 for i in range(max(2, args.seeds))]
-    base, base_std = method.mean_std([r["test"]["NDCG@20"] for r in base_runs])
-    print(f"base {student}: NDCG@20 {base:.4f} ± {base_std:.4f} over {len(base_runs)} seeds "
-          f"(HR@20 {np.mean([r['test']['HR@20'] for r in base_runs]):.4f})")
-    print(f"{'quality':>8} " + " ".join(f"{label:>22}" for label, _ in MECHANISM_VARIANTS))
-    table = {}
-    for q in args.qualities:
-        t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
-        cells = []
-        for label, ablation in MECHANISM_VARIANTS:
-            rs = [method.fit(ds, cli.config(args, student=student, distilled=True, ablation=ablation, seed=args.seed + i),
-                      t, device, log=lambda *_: None) for i in range(args.seeds)]
-            m = float(np.mean([r["test"]["NDCG@20"] for r in rs]))
-            table.setdefault(str(q), {})[label] = m
-            cells.append(f"{m:.4f} ({100 * (m / base - 1):+6.1f}%)" if base > 0 else f"{m:.4f} (base 0)")
-        print(f"{q:8.2f} " + " ".join(f"{c:>22}" for c in cells), flush=True)
-    print("cells: test NDCG@20 (change over the base student); a change within about "
-          f"{2 * base_std / base if base > 0 else math.nan:.0%} is within twice the base's seed-to-seed std")
-    out = {"base": {"NDCG@20": base, "std": base_std}, "qualities": table, "epochs": args.epochs}
+          f"and test rows, covering every training row. {student}, {args.seeds} seeds, until validation NDCG@20 has "
+          f"not improved for {args.patience} epochs (at most {args.epochs}{'' if args.converged else ', short of convergence: --converged trains to it'}); "
+          f"test NDCG@20; {clock.total} runs on {device}")
+    base_runs = cli.train_students(method.fit, ds, None, args, [{}], device, clock=clock)
+    against = {label: "base" for label, _ in MECHANISM_VARIANTS}
+    table, all_runs = {}, list(base_runs)
+    for name, t in teachers:
+        print(f"\nteacher: {t.source}", flush=True)
+        runs = cli.train_students(method.fit, ds, t, args, variants, device, clock=clock)
+        all_runs += [{**r, "teacher_name": name} for r in runs]
+        lines = {l["variant"]: l for l in method.summarise(base_runs + runs, against)}
+        full, uniform = (lines[v] for v in ("full DLLM2Rec", "uniform w_r"))
+        pair = method.paired_test([r for r in runs if r["variant"] == full["variant"]],
+                                  [r for r in runs if r["variant"] == uniform["variant"]])
+        table[name] = {"cells": {label: lines[label] for label, _ in MECHANISM_VARIANTS},
+                       "full_vs_uniform": {"change_NDCG@20": full["NDCG@20"] / uniform["NDCG@20"] - 1, "paired": pair,
+                                           "verdict": method.verdict(full["NDCG@20"], full["NDCG@20_std"],
+                                                                     uniform["NDCG@20"], uniform["NDCG@20_std"],
+                                                                     args.seeds, pair["p"] if pair else None)}}
+    base = method.summarise(base_runs)[0]
+    print(f"\nbase {student}: test NDCG@20 {base['NDCG@20']:.4f} ± {base['NDCG@20_std']:.4f} over {base['seeds']} seeds "
+          f"(selected epochs {base['epochs']})")
+    print(f"{'teacher':>8} " + " ".join(f"{label:>26}" for label, _ in MECHANISM_VARIANTS) + f" {'full vs uniform':>26}")
+    for name, row in table.items():
+        cells = [f"{c['NDCG@20']:.4f} {100 * c['change_NDCG@20']:+6.1f}% {c['verdict']:>12}" for c in row["cells"].values()]
+        fu = row["full_vs_uniform"]
+        p = fu["paired"]["p"] if fu["paired"] else math.nan
+        cells.append(f"{100 * fu['change_NDCG@20']:+6.1f}% p {p:.3f} {fu['verdict']:>12}")
+        print(f"{name:>8} " + " ".join(f"{c:>26}" for c in cells), flush=True)
+    print("cells: test NDCG@20, its change over the base student and the verdict (beyond twice the combined seed "
+          f"std AND paired p < {method.P_LEVEL}); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K")
+    out = {"base": base, "teachers": table, "epochs": args.epochs, "patience": args.patience, "seeds": args.seeds,
+           "runs": all_runs}
+    if args.plot:
+        plot_mechanism(table, base, Path(args.plot))
     if args.out:
         write_json(Path(args.out), out)
     return out
+
+
+# ============================================================================ pictures (matplotlib, optional)
+def check_plot(path: str | None) -> None:
+    """--plot needs matplotlib, which is optional: refused in one line, before any work, without it."""
+    if path is None:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError(f"--plot {path}: needs matplotlib (pip install matplotlib), which is optional here")
+    check_writable(path, "--plot")
+
+
+def new_figure(width: float):
+    import matplotlib
+    matplotlib.use("Agg")                       # files only, no display
+    import matplotlib.pyplot as plt
+    return plt, *plt.subplots(figsize=(width, 4))
+
+
+def plot_mechanism(table: dict, base: dict, path: Path) -> None:
+    """Change in test NDCG@20 over the base against teacher quality, one line per variant; the
+    mixed teacher as points at x = 0.5 (half its rows are quality 1, half random)."""
+    plt, fig, ax = new_figure(6.5)
+    graded = sorted((float(n), row) for n, row in table.items() if n != "mixed")
+    for k, (label, _) in enumerate(MECHANISM_VARIANTS):
+        color = f"C{k}"
+        if graded:
+            ax.plot([q for q, _ in graded], [100 * row["cells"][label]["change_NDCG@20"] for _, row in graded],
+                    "o-", color=color, label=label)
+        if "mixed" in table:
+            ax.plot([0.5], [100 * table["mixed"]["cells"][label]["change_NDCG@20"]], "*", ms=14, color=color,
+                    label=f"{label}, mixed teacher")
+    noise = 200 * base["NDCG@20_std"] / base["NDCG@20"] if base["NDCG@20"] > 0 else 0
+    ax.axhspan(-noise, noise, color="0.9", label="within 2 std of the base's seeds")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set(xlabel="teacher quality (1: knows the held-out transitions, 0: random)",
+           ylabel="change in test NDCG@20 over the base (%)", title=f"distillation gain, base NDCG@20 {base['NDCG@20']:.4f}")
+    ax.legend(fontsize=7)
+    write_figure(plt, fig, path)
+
+
+def plot_ablation(summary: list[dict], title: str, path: Path) -> None:
+    """Test NDCG@20 of each (student, variant): bars with the seeds' std as error bars."""
+    plt, fig, ax = new_figure(max(6.0, 0.6 * len(summary)))
+    names = [f"{l['student']} {l['variant']}" for l in summary]
+    order = list(dict.fromkeys(l["student"] for l in summary))              # one colour per student
+    ax.bar(range(len(summary)), [l["NDCG@20"] for l in summary], yerr=[l["NDCG@20_std"] for l in summary],
+           capsize=3, color=[f"C{order.index(l['student']) % 10}" for l in summary])
+    ax.set_xticks(range(len(summary)), names, rotation=60, ha="right", fontsize=7)
+    ax.set(ylabel="test NDCG@20 (mean ± std over seeds)", title=title)
+    write_figure(plt, fig, path)
+
+
+def write_figure(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 # ============================================================================ ablations and differences
@@ -97,6 +182,7 @@ def cmd_ablation(args, ds, method) -> dict:
     convergence, over seeds, each change with the paired test."""
     device = pick_device(args.device)
     method.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
+    check_plot(args.plot)
     counts = cache.transition_counts(ds)
     plans = {s: ablation_variants(s, args.tables, method) for s in args.students}
     n_runs = len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values())
@@ -105,12 +191,12 @@ def cmd_ablation(args, ds, method) -> dict:
           f"seeds; until validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); "
           f"{n_runs} runs on {device}")
     against = {k: v for _, a in plans.values() for k, v in a.items()}
-    out = {}
+    out, clock = {}, cli.RunClock(n_runs)
     for q in args.qualities:
         t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
         print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows",
               flush=True)
-        runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device)
+        runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device, clock=clock)
         summary = method.summarise(runs, against)
         for table in args.tables:
             keep = [l for l in summary if table == "ablations" and "--" not in l["variant"]
@@ -119,6 +205,10 @@ def cmd_ablation(args, ds, method) -> dict:
                   f"{len(ds.test)} test rows")
             print(method.format_table(keep))
         out[str(q)] = {"summary": summary, "runs": runs}
+        if args.plot:
+            path = Path(args.plot)
+            plot_ablation(summary, f"{ds.name}, teacher quality {q}, {args.seeds} seeds",
+                          path.with_name(f"{path.stem}-q{q}{path.suffix or '.png'}"))
     if args.out:
         write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "tables": args.tables,
                                     "qualities": out})
@@ -256,9 +346,16 @@ def add_commands(sub, parent, method) -> dict:
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
     cli.student_flags(mc, method.Config)
     quality = checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]")
-    mc.add_argument("--qualities", type=quality, nargs="+", default=[1.0, 0.3, 0.0],
-                    help="from 1 (knows the held-out transitions) to 0 (random)")
-    mc.set_defaults(students=["sasrec"], epochs=5, patience=5)
+    mixed_or_quality = lambda text: "mixed" if text == "mixed" else quality(text)
+    mixed_or_quality.__name__ = "quality"
+    mc.add_argument("--qualities", type=mixed_or_quality, nargs="+", default=[1.0, 0.3, 0.0, "mixed"],
+                    help="from 1 (knows the held-out transitions) to 0 (random), and 'mixed': quality 1 on a random "
+                         "half of the rows, random advice on the rest (an LLM right for some users, not others)")
+    mc.add_argument("--converged", action="store_true",
+                    help=f"train every cell to convergence (--epochs {method.Config.epochs} --patience "
+                         f"{method.Config.patience}), not the quick default")
+    mc.add_argument("--plot", help="also write a PNG: gain against teacher quality, one line per variant (needs matplotlib)")
+    mc.set_defaults(students=["sasrec"], epochs=5, patience=5, seeds=2)
     ab = sub.add_parser("ablation", parents=[parent],
                         help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
     cli.student_flags(ab, method.Config)
@@ -266,6 +363,8 @@ def add_commands(sub, parent, method) -> dict:
                     help="diagnostic teachers' qualities (0: the random teacher)")
     ab.add_argument("--tables", type=choice_list(("ablations", "differences")), default=["ablations", "differences"],
                     help="comma-separated, from ablations,differences")
+    ab.add_argument("--plot", help="also write a PNG per quality (FILE with -q<quality> before .png): bars with "
+                                   "error bars (needs matplotlib)")
     ab.set_defaults(students=["sasrec", "dros"], seeds=3)
     c = sub.add_parser("compare-teachers", parents=[parent],
                        help="teachers and undistilled students on the same validation and test rows")

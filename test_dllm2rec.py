@@ -919,16 +919,59 @@ def test_mechanism_command_runs_on_rows_with_an_empty_history(monkeypatch, capsy
         split.hist[::5], split.lens[::5] = ds.n_items, 0
     monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
     out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "--batch-size", "64"])
-    assert len(out["qualities"]["1.0"]) == len(diagnostics.MECHANISM_VARIANTS)
+    assert len(out["teachers"]["1.00"]["cells"]) == len(diagnostics.MECHANISM_VARIANTS)
 
 
-def test_mechanism_command_prints_a_row_per_quality(tmp_path, monkeypatch, capsys):
+def test_mechanism_command_prints_a_row_per_teacher_with_the_paired_test(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
     monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
-    out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "--batch-size", "64",
+    out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "mixed", "--batch-size", "64",
                   "--out", str(tmp_path / "m.json")])
-    assert set(out["qualities"]) == {"1.0", "0.0"} and len(out["qualities"]["1.0"]) == len(diagnostics.MECHANISM_VARIANTS)
-    assert "DIAGNOSTIC" in capsys.readouterr().out and (tmp_path / "m.json").exists()
+    assert set(out["teachers"]) == {"1.00", "0.00", "mixed"} and out["seeds"] == 2
+    assert len(out["runs"]) == 2 * (1 + 3 * len(diagnostics.MECHANISM_VARIANTS))
+    for row in out["teachers"].values():
+        assert all(c["against"] == "base" and c["paired"] is not None for c in row["cells"].values())
+        assert 0 <= row["full_vs_uniform"]["paired"]["p"] <= 1
+    text = capsys.readouterr().out
+    assert "DIAGNOSTIC" in text and "   mixed " in text and "[run 26/26" in text and (tmp_path / "m.json").exists()
+    seen = []
+    def first_fit(ds, cfg, *a, **k):
+        seen.append(cfg)
+        raise RuntimeError("stop after the first configuration")
+    monkeypatch.setattr(D, "fit", first_fit)
+    with pytest.raises(SystemExit, match="stop after"):
+        D.main(["mechanism", "--converged"])
+    assert (seen[0].epochs, seen[0].patience) == (D.Config.epochs, D.Config.patience)
+
+
+def test_mixed_teacher_is_the_oracle_on_half_the_rows_and_random_on_the_rest():
+    ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
+    counts = C.transition_counts(ds)
+    mixed, good, bad = C.mixed_teacher(ds, counts), C.synthetic_teacher(ds, 1.0, counts), C.synthetic_teacher(ds, 0.0, counts, seed=1)
+    same_good = (mixed.splits["train"].ids == good.splits["train"].ids).all(1)
+    same_bad = (mixed.splits["train"].ids == bad.splits["train"].ids).all(1)
+    assert same_good.sum() == 200 and (same_good | same_bad).all() and mixed.manifest["oracle_rows"] == 200
+
+
+def test_plot_is_refused_in_one_line_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: tiny_dataset())
+    monkeypatch.setattr(D, "fit", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(diagnostics.importlib.util, "find_spec", lambda name: None)
+    for command in ("mechanism", "ablation"):
+        with pytest.raises(SystemExit, match=r"--plot m.png: needs matplotlib \(pip install matplotlib\)"):
+            D.main([command, "--plot", "m.png"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib (optional)")
+def test_mechanism_and_ablation_write_their_pictures(tmp_path, monkeypatch):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    D.main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "mixed", "--seeds", "2", "--batch-size", "64",
+            "--plot", str(tmp_path / "m.png")])
+    D.main(["ablation", "--epochs", "1", "--qualities", "0", "--seeds", "2", "--batch-size", "64", "--students", "sasrec",
+            "--tables", "ablations", "--plot", str(tmp_path / "a.png")])
+    for name in ("m.png", "a-q0.0.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_ablation_command_compares_each_ablation_with_full_and_full_with_base(tmp_path, monkeypatch, capsys):
@@ -937,7 +980,8 @@ def test_ablation_command_compares_each_ablation_with_full_and_full_with_base(tm
     out = D.main(["ablation", "--epochs", "1", "--qualities", "0.5", "--seeds", "2", "--batch-size", "64",
                   "--students", "sasrec,dros", "--out", str(tmp_path / "a.json")])
     lines = {(l["student"], l["variant"]): l for l in out["0.5"]["summary"]}
-    for student, switches in diagnostics.OFFICIAL_SWITCHES.items():
+    for student in ("sasrec", "dros"):
+        switches = diagnostics.OFFICIAL_SWITCHES["dro" if S.parse_student(student)[1] else "plain"]
         assert lines[student, "dllm2rec"]["against"] == "base"
         assert all(lines[student, f"dllm2rec-{a}"]["against"] == "dllm2rec" for a in D.ABLATIONS)
         assert all(lines[student, "dllm2rec --" + s.replace("_", "-")]["against"] == "dllm2rec" for s in switches)
