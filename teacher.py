@@ -145,7 +145,7 @@ def check_identity(work: Path, ident: dict, write: bool = True) -> None:
     """Refuse a work folder made with other settings; record ident there (write) if new."""
     path = work / "identity.json"
     if path.exists():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         diff = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
         if diff:
             words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
@@ -153,6 +153,14 @@ def check_identity(work: Path, ident: dict, write: bool = True) -> None:
                 f"{words.get(k, k)} ({old.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
     elif write:
         atomic_write(path, lambda f: f.write(json.dumps(ident, indent=1).encode()))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file of the teacher's (identity, manifest, adapter record); a corrupt one is named."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherError(f"{path}: not valid JSON ({e}); delete or restore it") from None
 
 
 def chunk_path(work: Path, split: str, k: int) -> Path:
@@ -176,7 +184,7 @@ def chunk_ok(path: Path) -> bool:
 def check_manifest(cache: Path, ident: dict) -> None:
     """Refuse a finished cache made for another request (model, adapter, prompt, rows, top-n,
     llama.cpp build ...): its manifest's teacher identity is compared with this one, always."""
-    made = json.loads((cache / "manifest.json").read_text()).get("teacher", {})
+    made = read_json(cache / "manifest.json").get("teacher", {})
     diff = [k for k in ident if made.get(k) != ident[k]]
     if diff:
         raise TeacherError(f"{cache}/manifest.json: this teacher cache was made with another "
@@ -275,7 +283,7 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
         print(f"{work}: {len(missing)} of {len(plan)} chunks still to do (other shards?); "
               "run again, or merge the shards' folders", file=sys.stderr)
         return None
-    ident = json.loads((work / "identity.json").read_text())
+    ident = read_json(work / "identity.json")
     chunks = {}
     for split, k, _ in plan:
         with np.load(chunk_path(work, split, k), allow_pickle=False) as z:
@@ -433,7 +441,7 @@ def default_adapter(args, ds) -> tuple[str | None, bool]:
         raise UserError(f"--zero-shot with --lora {args.lora}: the one asks for no adapter, the other names one")
     if args.model or args.lora or args.zero_shot or not DEFAULT_ADAPTER.exists():
         return args.lora, args.titles_only
-    made = json.loads(DEFAULT_ADAPTER.with_suffix(".json").read_text())
+    made = read_json(DEFAULT_ADAPTER.with_suffix(".json"))
     if made.get("fingerprint") != ds.fingerprint:
         return None, args.titles_only
     return str(DEFAULT_ADAPTER), args.titles_only or bool(made.get("titles_only"))

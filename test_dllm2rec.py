@@ -1135,6 +1135,15 @@ def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
     assert ds.n_items == 12 and "2 of 26 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
 
 
+def test_a_corrupt_identity_or_manifest_is_named(tmp_path):
+    (tmp_path / "identity.json").write_text('{"format": "dllm2rec-teach')         # cut mid-write by another tool
+    with pytest.raises(C.TeacherError, match=r"identity.json: not valid JSON"):
+        T.check_identity(tmp_path, {"format": "x"})
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(C.TeacherError, match=r"manifest.json: not valid JSON"):
+        T.check_manifest(tmp_path, {"format": "x"})
+
+
 def test_ctrl_c_and_corrupt_archives_end_in_one_line():
     def raises(e):
         def run():
@@ -1438,6 +1447,9 @@ def test_killed_run_resumes_to_the_same_cache_and_shards_merge(tiny_model, tmp_p
     shard_dirs = [tmp_path / f"shard{i}" for i in range(2)]
     for i, d in enumerate(shard_dirs):
         assert T.run_teacher(ds, d, T.TeacherSettings(**{**st.__dict__, "shard": f"{i}/2"})) is None
+    with pytest.raises(C.TeacherError, match=r"nothing/work: no teacher work here"):
+        T.merge(ds, tmp_path / "merged", [shard_dirs[0], tmp_path / "nothing"], st)
+    assert not (tmp_path / "merged" / "work" / "identity.json").exists()    # the failed merge blocks no fix
     merged = T.merge(ds, tmp_path / "merged", shard_dirs, st)
     for other in (resumed, merged):
         assert np.array_equal(other.item_emb, whole.item_emb)
