@@ -12,6 +12,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
@@ -47,6 +48,34 @@ def config(args, **over):
     if args.official:
         over = {**{f.name: True for f in fields(args.Config) if f.name.startswith("official_")}, **over}
     return from_args(args.Config, args, **over)
+
+
+# ---------------------------------------------------------------------------- checks before any work
+def check_trainable(ds: data.Dataset, batch_size: int, full_batches: bool) -> None:
+    """Refuse, before any work, data a student cannot be trained on: a training row whose
+    history and target hold every item (no negative to sample), or fewer rows than one batch
+    where only full batches run (the captured step, the official protocol)."""
+    if full_batches and len(ds.train) < batch_size:
+        raise UserError(f"{ds.name}: {len(ds.train)} training rows, fewer than --batch-size {batch_size}; the "
+                        "captured step (CUDA) and --official-protocol run full batches only: a smaller --batch-size")
+    if ds.n_items <= data.MAX_HISTORY + 1:          # otherwise every row leaves at least one item out
+        held = np.concatenate([ds.train.hist, ds.train.target[:, None]], 1)
+        distinct = np.array([len(set(row) - {ds.n_items}) for row in held])
+        if (distinct >= ds.n_items).any():
+            r = int(np.argmax(distinct >= ds.n_items))
+            raise UserError(f"{ds.name}: training row {r + 1} holds all {ds.n_items} items: no negative item to sample")
+
+
+def preflight(ds: data.Dataset, args, device, top_n: int | None) -> None:
+    """Checks of a training command that would otherwise fail only after a baseline or the
+    teacher has run: the data trainable, --k within the teacher's candidates (top_n, None:
+    no teacher) and the catalogue."""
+    cfg = config(args)
+    check_trainable(ds, cfg.batch_size, device.type == "cuda" or cfg.official_protocol)
+    if top_n is not None and cfg.K > top_n:
+        raise UserError(f"--k {cfg.K}: more than the {top_n} candidates per row the teacher keeps (--top-n)")
+    if cfg.K > ds.n_items:
+        raise UserError(f"--k {cfg.K}: more than the {ds.n_items} items of {ds.name}")
 
 
 class RunClock:

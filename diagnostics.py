@@ -45,7 +45,7 @@ def cmd_mechanism(args, ds, method) -> dict:
     device = pick_device(args.device)
     if len(args.students) > 1:
         raise UserError(f"--students {','.join(args.students)}: the mechanism check trains one student")
-    method.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
+    cli.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
     check_plot(args.plot)
     if args.converged:
         args.epochs, args.patience = method.Config.epochs, method.Config.patience
@@ -181,7 +181,7 @@ def cmd_ablation(args, ds, method) -> dict:
     term acts on every row: diagnostic teachers covering all training rows, every run to
     convergence, over seeds, each change with the paired test."""
     device = pick_device(args.device)
-    method.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
+    cli.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
     check_plot(args.plot)
     counts = cache.transition_counts(ds)
     plans = {s: ablation_variants(s, args.tables, method) for s in args.students}

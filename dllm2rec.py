@@ -201,21 +201,6 @@ def sample_negatives(hist: torch.Tensor, target: torch.Tensor, n_items: int, sta
 MAX_REDRAWS = 10_000   # rounds of the eager sampler; check_trainable refuses rows without any valid negative
 
 
-def check_trainable(ds: data.Dataset, batch_size: int, full_batches: bool) -> None:
-    """Refuse, before any work, data a student cannot be trained on: a training row whose
-    history and target hold every item (no negative to sample), or fewer rows than one batch
-    where only full batches run (the captured step, the official protocol)."""
-    if full_batches and len(ds.train) < batch_size:
-        raise UserError(f"{ds.name}: {len(ds.train)} training rows, fewer than --batch-size {batch_size}; the "
-                        "captured step (CUDA) and --official-protocol run full batches only: a smaller --batch-size")
-    if ds.n_items <= data.MAX_HISTORY + 1:          # otherwise every row leaves at least one item out
-        held = np.concatenate([ds.train.hist, ds.train.target[:, None]], 1)
-        distinct = np.array([len(set(row) - {ds.n_items}) for row in held])
-        if (distinct >= ds.n_items).any():
-            r = int(np.argmax(distinct >= ds.n_items))
-            raise UserError(f"{ds.name}: training row {r + 1} holds all {ds.n_items} items: no negative item to sample")
-
-
 def bce_base(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
     """BCE with logits over the 2B logits (B targets labelled 1, B negatives labelled 0), ONE
     mean as in the official code: (mean_b softplus(-s_pos) + mean_b softplus(s_neg)) / 2."""
@@ -317,7 +302,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
         raise ValueError("distillation needs a teacher (--teacher)")
     teacher = teacher if cfg.distilled else None
     capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
-    check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
+    cli.check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train = to_tensors(ds.train, device)
@@ -451,24 +436,12 @@ def ranking_share(covered: int, n_train: int, cfg: Config) -> str:
             f"lam x coverage = {cfg.lam:g} x {c:.4f} = {cfg.lam * c:.4f} (lam {cfg.lam:g} at full coverage)")
 
 
-def preflight(ds: data.Dataset, args, device, top_n: int | None) -> None:
-    """Checks of a training command that would otherwise fail only after a baseline or the
-    teacher has run: the data trainable, --k within the teacher's candidates (top_n, None:
-    no teacher) and the catalogue."""
-    cfg = cli.config(args)
-    check_trainable(ds, cfg.batch_size, device.type == "cuda" or cfg.official_protocol)
-    if top_n is not None and cfg.K > top_n:
-        raise UserError(f"--k {cfg.K}: more than the {top_n} candidates per row the teacher keeps (--top-n)")
-    if cfg.K > ds.n_items:
-        raise UserError(f"--k {cfg.K}: more than the {ds.n_items} items of {ds.name}")
-
-
 def cmd_train(args, ds) -> dict:
     device = pick_device(args.device)
     if not args.teacher and (args.ablations or not args.baseline):
         raise UserError("--ablations and --no-baseline act on distilled runs: they need --teacher")
     teacher = cache.load_teacher(args.teacher, ds) if args.teacher else None
-    preflight(ds, args, device, teacher.top_n if teacher is not None else None)
+    cli.preflight(ds, args, device, teacher.top_n if teacher is not None else None)
     if teacher is not None:
         print(teacher_llm.describe(teacher, ds))
     variants = [{}] if args.baseline or teacher is None else []
@@ -487,7 +460,7 @@ def cmd_reproduce(args, ds) -> dict:
     trained to convergence over seeds; one table beside the popularity floor and the teacher."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
-    preflight(ds, args, device, args.top_n)
+    cli.preflight(ds, args, device, args.top_n)
     teacher, teacher_eval, path = teacher_llm.stage(args, ds)
     t_teacher = time.perf_counter() - t_start
     preset, seeds = PRESET_STUDENTS[device.type]
