@@ -27,8 +27,8 @@ from common import (Step, UserError, at_least, atomic_write, between, check_writ
 
 
 # ============================================================================ mechanism check
-MECHANISM_VARIANTS = (("full DLLM2Rec", "none"), ("uniform w_r", "no_weights"), ("ranking only", "no_embed"),
-                      ("embedding only", "no_rank"))
+MECHANISM_VARIANTS = (("full", "full DLLM2Rec", "none"), ("uniform", "uniform w_r", "no_weights"),
+                      ("ranking", "ranking only", "no_embed"), ("embedding", "embedding only", "no_rank"))
 
 
 def mechanism_teachers(ds, args) -> list[tuple[str, object]]:
@@ -50,37 +50,41 @@ def cmd_mechanism(args, ds, method) -> dict:
     if args.converged:
         args.epochs, args.patience = method.Config.epochs, method.Config.patience
     student, teachers = args.students[0], mechanism_teachers(ds, args)
-    variants = [{"distilled": True, "ablation": a, "label": label} for label, a in MECHANISM_VARIANTS]
+    chosen = [(label, a) for key, label, a in MECHANISM_VARIANTS if key in args.variants]
+    variants = [{"distilled": True, "ablation": a, "label": label} for label, a in chosen]
     clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)))
     print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
           f"and test rows, covering every training row. {student}, {args.seeds} seeds, until validation NDCG@20 has "
           f"not improved for {args.patience} epochs (at most {args.epochs}{'' if args.converged else ', short of convergence: --converged trains to it'}); "
           f"test NDCG@20; {clock.total} runs on {device}")
     base_runs = cli.train_students(method.fit, ds, None, args, [{}], device, clock=clock)
-    against = {label: "base" for label, _ in MECHANISM_VARIANTS}
+    against = {label: "base" for label, _ in chosen}
+    both = {"full", "uniform"} <= set(args.variants)          # full DLLM2Rec against uniform weights
     table, all_runs = {}, list(base_runs)
     for name, t in teachers:
         print(f"\nteacher: {t.source}", flush=True)
         runs = cli.train_students(method.fit, ds, t, args, variants, device, clock=clock)
         all_runs += [{**r, "teacher_name": name} for r in runs]
         lines = {l["variant"]: l for l in method.summarise(base_runs + runs, against)}
-        full, uniform = (lines[v] for v in ("full DLLM2Rec", "uniform w_r"))
-        pair = method.paired_test([r for r in runs if r["variant"] == full["variant"]],
-                                  [r for r in runs if r["variant"] == uniform["variant"]])
-        table[name] = {"cells": {label: lines[label] for label, _ in MECHANISM_VARIANTS},
-                       "full_vs_uniform": {"change_NDCG@20": full["NDCG@20"] / uniform["NDCG@20"] - 1, "paired": pair,
-                                           "verdict": method.verdict(full["NDCG@20"], full["NDCG@20_std"],
-                                                                     uniform["NDCG@20"], uniform["NDCG@20_std"],
-                                                                     args.seeds, pair["p"] if pair else None)}}
+        table[name] = {"cells": {label: lines[label] for label, _ in chosen}}
+        if both:
+            full, uniform = (lines[v] for v in ("full DLLM2Rec", "uniform w_r"))
+            pair = method.paired_test([r for r in runs if r["variant"] == full["variant"]],
+                                      [r for r in runs if r["variant"] == uniform["variant"]])
+            table[name]["full_vs_uniform"] = {
+                "change_NDCG@20": full["NDCG@20"] / uniform["NDCG@20"] - 1, "paired": pair,
+                "verdict": method.verdict(full["NDCG@20"], full["NDCG@20_std"], uniform["NDCG@20"],
+                                          uniform["NDCG@20_std"], args.seeds, pair["p"] if pair else None)}
     base = method.summarise(base_runs)[0]
     print(f"\nbase {student}: test NDCG@20 {base['NDCG@20']:.4f} ± {base['NDCG@20_std']:.4f} over {base['seeds']} seeds "
           f"(selected epochs {base['epochs']})")
-    print(f"{'teacher':>8} " + " ".join(f"{label:>26}" for label, _ in MECHANISM_VARIANTS) + f" {'full vs uniform':>26}")
+    print(f"{'teacher':>8} " + " ".join(f"{label:>26}" for label, _ in chosen) + (f" {'full vs uniform':>26}" if both else ""))
     for name, row in table.items():
         cells = [f"{c['NDCG@20']:.4f} {100 * c['change_NDCG@20']:+6.1f}% {c['verdict']:>12}" for c in row["cells"].values()]
-        fu = row["full_vs_uniform"]
-        p = fu["paired"]["p"] if fu["paired"] else math.nan
-        cells.append(f"{100 * fu['change_NDCG@20']:+6.1f}% p {p:.3f} {fu['verdict']:>12}")
+        if both:
+            fu = row["full_vs_uniform"]
+            p = fu["paired"]["p"] if fu["paired"] else math.nan
+            cells.append(f"{100 * fu['change_NDCG@20']:+6.1f}% p {p:.3f} {fu['verdict']:>12}")
         print(f"{name:>8} " + " ".join(f"{c:>26}" for c in cells), flush=True)
     print("cells: test NDCG@20, its change over the base student and the verdict (beyond twice the combined seed "
           f"std AND paired p < {method.P_LEVEL}); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K")
@@ -115,7 +119,7 @@ def plot_mechanism(table: dict, base: dict, path: Path) -> None:
     mixed teacher as points at x = 0.5 (half its rows are quality 1, half random)."""
     plt, fig, ax = new_figure(6.5)
     graded = sorted((float(n), row) for n, row in table.items() if n != "mixed")
-    for k, (label, _) in enumerate(MECHANISM_VARIANTS):
+    for k, label in enumerate(next(iter(table.values()))["cells"]):
         color = f"C{k}"
         if graded:
             ax.plot([q for q, _ in graded], [100 * row["cells"][label]["change_NDCG@20"] for _, row in graded],
@@ -351,6 +355,9 @@ def add_commands(sub, parent, method) -> dict:
     mc.add_argument("--qualities", type=mixed_or_quality, nargs="+", default=[1.0, 0.3, 0.0, "mixed"],
                     help="from 1 (knows the held-out transitions) to 0 (random), and 'mixed': quality 1 on a random "
                          "half of the rows, random advice on the rest (an LLM right for some users, not others)")
+    mc.add_argument("--variants", type=choice_list([v[0] for v in MECHANISM_VARIANTS]),
+                    default=[v[0] for v in MECHANISM_VARIANTS],
+                    help="comma-separated, from " + ",".join(f"{k} ({label})" for k, label, _ in MECHANISM_VARIANTS))
     mc.add_argument("--converged", action="store_true",
                     help=f"train every cell to convergence (--epochs {method.Config.epochs} --patience "
                          f"{method.Config.patience}), not the quick default")

@@ -920,6 +920,8 @@ def test_mechanism_command_runs_on_rows_with_an_empty_history(monkeypatch, capsy
     monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
     out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "--batch-size", "64"])
     assert len(out["teachers"]["1.00"]["cells"]) == len(diagnostics.MECHANISM_VARIANTS)
+    few = D.main(["mechanism", "--epochs", "1", "--qualities", "mixed", "--variants", "full,uniform", "--batch-size", "64"])
+    assert set(few["teachers"]["mixed"]["cells"]) == {"full DLLM2Rec", "uniform w_r"} and "full_vs_uniform" in few["teachers"]["mixed"]
 
 
 def test_mechanism_command_prints_a_row_per_teacher_with_the_paired_test(tmp_path, monkeypatch, capsys):
