@@ -1135,6 +1135,9 @@ def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
     (ml / "u.item").write_text("".join(f"{i}|Movie {i}|x\n" for i in range(1, 13)))        # item 13 lost
     ds = data.load_dataset(str(ml))
     assert ds.n_items == 12 and "2 of 26 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
+    (ml / "u.data").write_text("".join(f"1\t{i}\t5\t{i}\n" for i in range(1, 13)))         # one user: 2 rows
+    with pytest.raises(data.DataError, match=r"ml: 0 validation rows after BIGRec's windowing .* \(2 rows in all\)"):
+        data.load_dataset(str(ml))
 
 
 def test_a_corrupt_identity_or_manifest_is_named(tmp_path):
