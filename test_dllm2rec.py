@@ -1131,10 +1131,10 @@ def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
         data._int("1e23", "u.data line 3")
     ml = tmp_path / "ml"
     ml.mkdir()
-    (ml / "u.data").write_text("".join(f"{u}\t{i}\t5\t{100 * u + i}\n" for u in (1, 2) for i in range(1, 14)))
+    (ml / "u.data").write_text("".join(f"{u}\t{i}\t5\t{100 * u + i}\n" for u in range(1, 6) for i in range(1, 14)))
     (ml / "u.item").write_text("".join(f"{i}|Movie {i}|x\n" for i in range(1, 13)))        # item 13 lost
     ds = data.load_dataset(str(ml))
-    assert ds.n_items == 12 and "2 of 26 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
+    assert ds.n_items == 12 and "5 of 65 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
     (ml / "u.data").write_text("".join(f"1\t{i}\t5\t{i}\n" for i in range(1, 13)))         # one user: 2 rows
     with pytest.raises(data.DataError, match=r"ml: 0 validation rows after BIGRec's windowing .* \(2 rows in all\)"):
         data.load_dataset(str(ml))
