@@ -52,9 +52,13 @@ def config(args, **over):
 
 # ---------------------------------------------------------------------------- checks before any work
 def check_trainable(ds: data.Dataset, batch_size: int, full_batches: bool) -> None:
-    """Refuse, before any work, data a student cannot be trained on: a training row whose
+    """Refuse, before any work, data a student cannot be trained on: an empty split, a training row whose
     history and target hold every item (no negative to sample), or fewer rows than one batch
     where only full batches run (the captured step, the official protocol)."""
+    for name, split in (("training", ds.train), ("validation", ds.val), ("test", ds.test)):
+        if len(split) == 0:
+            raise UserError(f"{ds.name}: 0 {name} rows (train/val/test {len(ds.train)}/{len(ds.val)}/{len(ds.test)}); "
+                            "a student needs rows in each: more users with more interactions")
     if full_batches and len(ds.train) < batch_size:
         raise UserError(f"{ds.name}: {len(ds.train)} training rows, fewer than --batch-size {batch_size}; the "
                         "captured step (CUDA) and --official-protocol run full batches only: a smaller --batch-size")

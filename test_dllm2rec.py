@@ -1136,8 +1136,8 @@ def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
     ds = data.load_dataset(str(ml))
     assert ds.n_items == 12 and "5 of 65 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
     (ml / "u.data").write_text("".join(f"1\t{i}\t5\t{i}\n" for i in range(1, 13)))         # one user: 2 rows
-    with pytest.raises(data.DataError, match=r"ml: 0 validation rows after BIGRec's windowing .* \(2 rows in all\)"):
-        data.load_dataset(str(ml))
+    with pytest.raises(D.UserError, match=r"ml: 0 validation rows \(train/val/test 1/0/1\); a student needs rows"):
+        D.cli.check_trainable(data.load_dataset(str(ml)), 256, False)
 
 
 def test_a_corrupt_identity_or_manifest_is_named(tmp_path):
