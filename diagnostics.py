@@ -72,7 +72,8 @@ def cmd_mechanism(args, ds, method) -> dict:
             pair = method.paired_test([r for r in runs if r["variant"] == full["variant"]],
                                       [r for r in runs if r["variant"] == uniform["variant"]])
             table[name]["full_vs_uniform"] = {
-                "change_NDCG@20": full["NDCG@20"] / uniform["NDCG@20"] - 1, "paired": pair,
+                "change_NDCG@20": full["NDCG@20"] / uniform["NDCG@20"] - 1 if uniform["NDCG@20"] > 0 else None,
+                "paired": pair,
                 "verdict": method.verdict(full["NDCG@20"], full["NDCG@20_std"], uniform["NDCG@20"],
                                           uniform["NDCG@20_std"], args.seeds, pair["p"] if pair else None)}
     base = method.summarise(base_runs)[0]
@@ -80,11 +81,12 @@ def cmd_mechanism(args, ds, method) -> dict:
           f"(selected epochs {base['epochs']})")
     print(f"{'teacher':>8} " + " ".join(f"{label:>26}" for label, _ in chosen) + (f" {'full vs uniform':>26}" if both else ""))
     for name, row in table.items():
-        cells = [f"{c['NDCG@20']:.4f} {100 * c['change_NDCG@20']:+6.1f}% {c['verdict']:>12}" for c in row["cells"].values()]
+        pct = lambda c: f"{100 * c:+6.1f}%" if c is not None else "(base 0)"          # a change over 0 is none
+        cells = [f"{c['NDCG@20']:.4f} {pct(c['change_NDCG@20'])} {c['verdict'] or '':>12}" for c in row["cells"].values()]
         if both:
             fu = row["full_vs_uniform"]
             p = fu["paired"]["p"] if fu["paired"] else math.nan
-            cells.append(f"{100 * fu['change_NDCG@20']:+6.1f}% p {p:.3f} {fu['verdict']:>12}")
+            cells.append(f"{pct(fu['change_NDCG@20'])} p {p:.3f} {fu['verdict']:>12}")
         print(f"{name:>8} " + " ".join(f"{c:>26}" for c in cells), flush=True)
     print("cells: test NDCG@20, its change over the base student and the verdict (beyond twice the combined seed "
           f"std AND paired p < {method.P_LEVEL}); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K")
@@ -118,14 +120,15 @@ def plot_mechanism(table: dict, base: dict, path: Path) -> None:
     """Change in test NDCG@20 over the base against teacher quality, one line per variant; the
     mixed teacher as points at x = 0.5 (half its rows are quality 1, half random)."""
     plt, fig, ax = new_figure(6.5)
-    graded = sorted((float(n), row) for n, row in table.items() if n != "mixed")
+    graded = sorted(((float(n), row) for n, row in table.items() if n != "mixed"), key=lambda qr: qr[0])
+    as_pct = lambda c: 100 * c if c is not None else math.nan                   # no change over a base of 0
     for k, label in enumerate(next(iter(table.values()))["cells"]):
         color = f"C{k}"
         if graded:
-            ax.plot([q for q, _ in graded], [100 * row["cells"][label]["change_NDCG@20"] for _, row in graded],
+            ax.plot([q for q, _ in graded], [as_pct(row["cells"][label]["change_NDCG@20"]) for _, row in graded],
                     "o-", color=color, label=label)
         if "mixed" in table:
-            ax.plot([0.5], [100 * table["mixed"]["cells"][label]["change_NDCG@20"]], "*", ms=14, color=color,
+            ax.plot([0.5], [as_pct(table["mixed"]["cells"][label]["change_NDCG@20"])], "*", ms=14, color=color,
                     label=f"{label}, mixed teacher")
     noise = 200 * base["NDCG@20_std"] / base["NDCG@20"] if base["NDCG@20"] > 0 else 0
     ax.axhspan(-noise, noise, color="0.9", label="within 2 std of the base's seeds")
