@@ -96,13 +96,18 @@ def write_cache(folder, dataset, item_emb: np.ndarray, splits: dict[str, TopN], 
 
 
 # ----------------------------------------------------------------------------- reading
+def read_json(path: Path) -> dict:
+    """A JSON file of the teacher's (manifest, identity, adapter record); a corrupt one is named."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherError(f"{path}: unreadable or not valid JSON ({e}); delete or restore it") from None
+
+
 def read_cache(folder, dataset) -> TeacherOutputs:
     folder = Path(folder)
     mpath = folder / "manifest.json"
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TeacherError(f"{mpath}: unreadable manifest ({e})") from None
+    manifest = read_json(mpath)
     if manifest.get("format") != FORMAT:
         raise TeacherError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("fingerprint") != dataset.fingerprint:

@@ -22,7 +22,7 @@ import numpy as np
 
 import data
 from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
-                   load_teacher, read_cache, teacher_metrics, title_match_share, write_cache)
+                   load_teacher, read_cache, read_json, teacher_metrics, title_match_share, write_cache)
 from common import (Progress, UserError, add_flags, at_least, atomic_write, between, checked, cpu_name, file_sha256, from_args,
                     opt, write_json)
 from llm import (LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
@@ -141,26 +141,22 @@ def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path)
     }
 
 
+def refuse_other(path: Path, made: dict, ident: dict, what: str) -> None:
+    """Refuse teacher outputs at path whose identity (made) differs from this request's (ident)."""
+    diff = [k for k in sorted(set(made) | set(ident)) if made.get(k) != ident.get(k)]
+    if diff:
+        words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
+        raise TeacherError(f"{path}: this teacher {what} was made with another " + ", ".join(
+            f"{words.get(k, k)} ({made.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
+
+
 def check_identity(work: Path, ident: dict, write: bool = True) -> None:
     """Refuse a work folder made with other settings; record ident there (write) if new."""
     path = work / "identity.json"
     if path.exists():
-        old = read_json(path)
-        diff = [k for k in sorted(set(old) | set(ident)) if old.get(k) != ident.get(k)]
-        if diff:
-            words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
-            raise TeacherError(f"{path}: this teacher work was made with another " + ", ".join(
-                f"{words.get(k, k)} ({old.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
+        refuse_other(path, read_json(path), ident, "work")
     elif write:
         atomic_write(path, lambda f: f.write(json.dumps(ident, indent=1).encode()))
-
-
-def read_json(path: Path) -> dict:
-    """A JSON file of the teacher's (identity, manifest, adapter record); a corrupt one is named."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TeacherError(f"{path}: not valid JSON ({e}); delete or restore it") from None
 
 
 def chunk_path(work: Path, split: str, k: int) -> Path:
@@ -185,10 +181,8 @@ def check_manifest(cache: Path, ident: dict) -> None:
     """Refuse a finished cache made for another request (model, adapter, prompt, rows, top-n,
     llama.cpp build ...): its manifest's teacher identity is compared with this one, always."""
     made = read_json(cache / "manifest.json").get("teacher", {})
-    diff = [k for k in ident if made.get(k) != ident[k]]
-    if diff:
-        raise TeacherError(f"{cache}/manifest.json: this teacher cache was made with another "
-                           f"{', '.join(diff)}; use another cache folder for this request")
+    recorded = {k: made.get(k) for k in ident}           # assembly adds timings and the CPU, not compared
+    refuse_other(cache / "manifest.json", recorded, ident, "cache")
 
 
 def row_prompts(ds, prompt: tuple[str, str], chunks: list) -> list[str]:

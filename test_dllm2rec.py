@@ -1142,10 +1142,10 @@ def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
 
 def test_a_corrupt_identity_or_manifest_is_named(tmp_path):
     (tmp_path / "identity.json").write_text('{"format": "dllm2rec-teach')         # cut mid-write by another tool
-    with pytest.raises(C.TeacherError, match=r"identity.json: not valid JSON"):
+    with pytest.raises(C.TeacherError, match=r"identity.json: unreadable or not valid JSON"):
         T.check_identity(tmp_path, {"format": "x"})
     (tmp_path / "manifest.json").write_bytes(b"\xff\xfe")
-    with pytest.raises(C.TeacherError, match=r"manifest.json: not valid JSON"):
+    with pytest.raises(C.TeacherError, match=r"manifest.json: unreadable or not valid JSON"):
         T.check_manifest(tmp_path, {"format": "x"})
 
 
