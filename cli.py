@@ -7,14 +7,17 @@ Nothing here imports dllm2rec.py: it passes itself in (`method`: its Config, com
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+import cache
 import data
 import students
 import teacher as teacher_llm
@@ -40,6 +43,23 @@ def student_flags(p, Config) -> None:
     o.add_argument("--official", action="store_true", help="every switch below")
     add_flags(o, Config, only=official)
     p.set_defaults(Config=Config)
+
+
+def shard(text: str) -> tuple[int, int]:
+    """--shard K/N -> (K, N), 1 <= K <= N."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n) <= 1000):
+        raise argparse.ArgumentTypeError(f"{text!r}: K/N with 1 <= K <= N <= 1000, e.g. 1/2")
+    return int(k), int(n)
+
+
+def split_flags(p) -> None:
+    """--shard and --reuse: a command's runs split over processes or machines, then one table."""
+    p.add_argument("--shard", type=shard, help="train only every N-th run, from the K-th (K/N, e.g. 1/2), write them "
+                                               "to --out and print no table; shards run side by side")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
+                   help="results files of earlier runs (e.g. of every --shard): a run of the same data, teacher "
+                        "outputs and settings is taken from there, not trained again")
 
 
 def config(args, **over):
@@ -80,13 +100,31 @@ def preflight(ds: data.Dataset, args, device, top_n: int | None) -> None:
         raise UserError(f"--k {cfg.K}: more than the {top_n} candidates per row the teacher keeps (--top-n)")
     if cfg.K > ds.n_items:
         raise UserError(f"--k {cfg.K}: more than the {ds.n_items} items of {ds.name}")
+    args.earlier = earlier_runs(getattr(args, "reuse", []), ds)
 
 
 class RunClock:
-    """Runs done of all that a command asks for, over one or several train_students calls."""
+    """Runs done of all that a command asks for, over one or several train_students calls;
+    `planned` numbers every run of the command (shard (K, N): this process trains runs K, K+N, ...)."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+    def __init__(self, total: int, shard: tuple[int, int] | None = None):
+        self.shard = k, n = shard or (1, 1)
+        self.all, self.total, self.done, self.planned = total, len(range(k - 1, total, n)), 0, 0
+        self.t0 = time.perf_counter()
+
+    def __str__(self) -> str:
+        k, n = self.shard
+        return f"{self.all} runs" + (f" (shard {k}/{n} trains {self.total} of them)" if n > 1 else "")
+
+    def mine(self) -> bool:
+        """Whether the next planned run is this shard's."""
+        k, n = self.shard
+        self.planned += 1
+        return (self.planned - 1) % n == k - 1
+
+    def taken(self) -> None:
+        """A run of this shard's taken from --reuse, not trained."""
+        self.total -= 1
 
     def tick(self) -> str:
         self.done += 1
@@ -95,30 +133,90 @@ class RunClock:
         return f"[run {self.done}/{self.total}, {spent / 60:.1f} min, ETA {eta / 60:.0f} min]"
 
 
+def run_key(fingerprint: str, teacher_checksum: str | None, config: dict) -> str:
+    """What a run's result depends on: the data, the teacher's outputs and every setting."""
+    return json.dumps([fingerprint, teacher_checksum, config], sort_keys=True)
+
+
+def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
+    """The runs in results files (of train, mechanism, ablation, at any depth) on this data:
+    {run_key: run}; a file unreadable or without such runs is named."""
+    found = {}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if "config" in node and "test_ranks" in node and "teacher_checksum" in node:
+                if node.get("fingerprint") == ds.fingerprint:
+                    used = node["teacher_checksum"] if node["config"].get("distilled") else None
+                    found[run_key(ds.fingerprint, used, node["config"])] = {**node, "from": str(path)}
+                return
+            node = list(node.values())
+        if isinstance(node, list):
+            for child in node:
+                walk(child, path)
+    for path in paths:
+        before = len(found)
+        try:
+            walk(json.loads(Path(path).read_text()), path)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"--reuse {path}: unreadable or not valid JSON ({e})") from None
+        if len(found) == before:
+            raise UserError(f"--reuse {path}: no runs on {ds.name} (fingerprint {ds.fingerprint}) with their teacher's "
+                            "checksum; results files of train, mechanism or ablation hold them")
+    return found
+
+
 def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock: RunClock | None = None) -> list[dict]:
     """fit(ds, cfg, teacher, device, log, subsets) for every (student, variant, seed) of the
     command line, with the elapsed time and an ETA after each run (clock: of a command that
     calls this more than once). variants: a list of Config overrides, e.g. {} (the base),
     {"distilled": True, "ablation": "no_wp"}; an override "label" names the variant in the
-    table (default: Config.variant); a dict {student: list} gives each student its own."""
+    table (default: Config.variant); a dict {student: list} gives each student its own.
+    A run found in --reuse is taken from there; with --shard K/N only the command's runs
+    K, K+N, K+2N ... are trained and the others left out."""
     per_student = variants if isinstance(variants, dict) else {s: variants for s in args.students}
-    runs = []
-    clock = clock or RunClock(sum(len(per_student[s]) for s in args.students) * args.seeds)
-    for student in args.students:
-        for over in per_student[student]:
-            over = dict(over)
-            label = over.pop("label", None)
-            for seed in range(args.seed, args.seed + args.seeds):
-                cfg = config(args, **{"distilled": False, **over, "student": student, "seed": seed})
-                label = label or cfg.variant
-                print(f"{student} {label} seed {seed} on {device}", flush=True)
-                r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
-                r["variant"] = label
-                runs.append(r)
-                print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
-                      f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
-                      f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)
+    plan = [(student, over, seed) for student in args.students for over in per_student[student]
+            for seed in range(args.seed, args.seed + args.seeds)]
+    clock = clock or RunClock(len(plan), getattr(args, "shard", None))
+    teacher_checksum = cache.checksum(teacher) if teacher is not None else None
+    earlier, runs = getattr(args, "earlier", {}), []
+    for student, over, seed in plan:
+        over = dict(over)
+        label = over.pop("label", None)
+        cfg = config(args, **{"distilled": False, **over, "student": student, "seed": seed})
+        label = label or cfg.variant
+        if not clock.mine():
+            continue
+        used = teacher_checksum if cfg.distilled else None          # fit ignores the teacher of a base run
+        taken = earlier.get(run_key(ds.fingerprint, used, json.loads(json.dumps(asdict(cfg)))))
+        if taken is not None:
+            clock.taken()
+            runs.append({**taken, "variant": label})
+            print(f"{student} {label} seed {seed}: taken from {taken['from']} (test NDCG@20 "
+                  f"{taken['test']['NDCG@20']:.4f})", flush=True)
+            continue
+        print(f"{student} {label} seed {seed} on {device}", flush=True)
+        r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
+        r["variant"], r["teacher_checksum"] = label, used
+        runs.append(r)
+        print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
+              f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
+              f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)
     return runs
+
+
+def save_shard(args, ds, runs: list[dict]) -> bool:
+    """With --shard: write this shard's runs (--out, or results/<dataset>-shard-K-of-N-<time>.json)
+    and say how to print the tables; True when this is a shard (the command then stops)."""
+    if not getattr(args, "shard", None):
+        return False
+    k, n = args.shard
+    out = Path(args.out) if args.out else Path("results") / f"{ds.name}-shard-{k}-of-{n}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:], "shard": [k, n],
+                     "runs": [r for r in runs if "from" not in r]})
+    print(f"shard {k}/{n}: wrote {out}; the tables: the same command without --shard, with --reuse and every "
+          "shard's file")
+    return True
 
 
 def save_results(args, ds, runs, summary, **extra) -> Path:
@@ -139,6 +237,7 @@ def method_commands(sub, parent, method) -> dict:
     t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
     t.add_argument("--ablations", type=choice_list(method.ABLATIONS), default=[],
                    help=f"comma-separated, from {','.join(method.ABLATIONS)}")
+    split_flags(t)
     r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
                                                            "DLLM2Rec (the default command)")
     student_flags(r, method.Config)

@@ -52,19 +52,22 @@ def cmd_mechanism(args, ds, method) -> dict:
     student, teachers = args.students[0], mechanism_teachers(ds, args)
     chosen = [(label, a) for key, label, a in MECHANISM_VARIANTS if key in args.variants]
     variants = [{"distilled": True, "ablation": a, "label": label} for label, a in chosen]
-    clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)))
+    clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)), args.shard)
     print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
           f"and test rows, covering every training row. {student}, {args.seeds} seeds, until validation NDCG@20 has "
           f"not improved for {args.patience} epochs (at most {args.epochs}{'' if args.converged else ', short of convergence: --converged trains to it'}); "
-          f"test NDCG@20; {clock.total} runs on {device}")
+          f"test NDCG@20; {clock} on {device}")
     base_runs = cli.train_students(method.fit, ds, None, args, [{}], device, clock=clock)
     against = {label: "base" for label, _ in chosen}
     both = {"full", "uniform"} <= set(args.variants)          # full DLLM2Rec against uniform weights
-    table, all_runs = {}, list(base_runs)
+    table, all_runs, teacher_runs = {}, list(base_runs), {}
     for name, t in teachers:
         print(f"\nteacher: {t.source}", flush=True)
-        runs = cli.train_students(method.fit, ds, t, args, variants, device, clock=clock)
-        all_runs += [{**r, "teacher_name": name} for r in runs]
+        teacher_runs[name] = cli.train_students(method.fit, ds, t, args, variants, device, clock=clock)
+        all_runs += [{**r, "teacher_name": name} for r in teacher_runs[name]]
+    if cli.save_shard(args, ds, all_runs):
+        return {"runs": all_runs}
+    for name, runs in teacher_runs.items():
         lines = {l["variant"]: l for l in method.summarise(base_runs + runs, against)}
         table[name] = {"cells": {label: lines[label] for label, _ in chosen}}
         if both:
@@ -192,18 +195,21 @@ def cmd_ablation(args, ds, method) -> dict:
     check_plot(args.plot)
     counts = cache.transition_counts(ds)
     plans = {s: ablation_variants(s, args.tables, method) for s in args.students}
-    n_runs = len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values())
+    clock = cli.RunClock(len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values()), args.shard)
     print(f"{ds.summary()}\nDIAGNOSTIC teachers (they see held-out transitions) covering all {len(ds.train)} "
           f"training rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(args.students)}; {args.seeds} "
           f"seeds; until validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); "
-          f"{n_runs} runs on {device}")
+          f"{clock} on {device}")
     against = {k: v for _, a in plans.values() for k, v in a.items()}
-    out, clock = {}, cli.RunClock(n_runs)
+    out = {}
     for q in args.qualities:
         t = cache.synthetic_teacher(ds, q, counts, seed=args.seed)
         print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows",
               flush=True)
         runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device, clock=clock)
+        if args.shard:
+            out[str(q)] = {"runs": runs}
+            continue
         summary = method.summarise(runs, against)
         for table in args.tables:
             keep = [l for l in summary if table == "ablations" and "--" not in l["variant"]
@@ -216,6 +222,8 @@ def cmd_ablation(args, ds, method) -> dict:
             path = Path(args.plot)
             plot_ablation(summary, f"{ds.name}, teacher quality {q}, {args.seeds} seeds",
                           path.with_name(f"{path.stem}-q{q}{path.suffix or '.png'}"))
+    if cli.save_shard(args, ds, [r for q in out.values() for r in q["runs"]]):
+        return out
     if args.out:
         write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "tables": args.tables,
                                     "qualities": out})
@@ -365,6 +373,7 @@ def add_commands(sub, parent, method) -> dict:
                     help=f"train every cell to convergence (--epochs {method.Config.epochs} --patience "
                          f"{method.Config.patience}), not the quick default")
     mc.add_argument("--plot", help="also write a PNG: gain against teacher quality, one line per variant (needs matplotlib)")
+    cli.split_flags(mc)
     mc.set_defaults(students=["sasrec"], epochs=5, patience=5, seeds=2)
     ab = sub.add_parser("ablation", parents=[parent],
                         help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
@@ -375,6 +384,7 @@ def add_commands(sub, parent, method) -> dict:
                     help="comma-separated, from ablations,differences")
     ab.add_argument("--plot", help="also write a PNG per quality (FILE with -q<quality> before .png): bars with "
                                    "error bars (needs matplotlib)")
+    cli.split_flags(ab)
     ab.set_defaults(students=["sasrec", "dros"], seeds=3)
     c = sub.add_parser("compare-teachers", parents=[parent],
                        help="teachers and undistilled students on the same validation and test rows")

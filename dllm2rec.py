@@ -447,6 +447,8 @@ def cmd_train(args, ds) -> dict:
     variants = [{}] if args.baseline or teacher is None else []
     variants += [{"distilled": True, "ablation": a} for a in ["none", *args.ablations]] if teacher is not None else []
     runs = cli.train_students(fit, ds, teacher, args, variants, device)
+    if cli.save_shard(args, ds, runs):
+        return {"runs": runs}
     summary = summarise(runs)
     print(format_table(summary))
     if teacher is not None:

@@ -996,6 +996,42 @@ def test_ablation_command_compares_each_ablation_with_full_and_full_with_base(tm
     assert json.loads((tmp_path / "a.json").read_text())["tables"] == ["ablations", "differences"]
 
 
+def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    argv = ["ablation", "--epochs", "1", "--qualities", "0", "--seeds", "2", "--batch-size", "64", "--students", "sasrec",
+            "--tables", "ablations"]
+    whole = D.main(argv)["0.0"]
+    parts = [D.main(argv + ["--shard", f"{k}/2", "--out", str(tmp_path / f"{k}.json")])["0.0"]["runs"] for k in (1, 2)]
+    assert "shard 2/2: wrote" in capsys.readouterr().out
+    key = lambda r: (r["variant"], r["seed"])
+    assert [len(p) for p in parts] == [9, 9] and not {*map(key, parts[0])} & {*map(key, parts[1])}
+    assert {*map(key, parts[0] + parts[1])} == {*map(key, whole["runs"])}
+    trained = []
+    real_fit = D.fit
+    monkeypatch.setattr(D, "fit", lambda ds, cfg, *a, **k: trained.append(cfg) or real_fit(ds, cfg, *a, **k))
+    merged = D.main(argv + ["--reuse", str(tmp_path / "1.json"), str(tmp_path / "2.json")])["0.0"]
+    assert trained == [] and "taken from" in capsys.readouterr().out
+    strip = lambda lines: [{k: v for k, v in l.items() if k != "paired"} for l in lines]
+    assert strip(merged["summary"]) == strip(whole["summary"])
+    # another setting (even one the base ignores) is trained again; another teacher: all but the base
+    D.main(argv + ["--lam", "0.5", "--reuse", str(tmp_path / "1.json"), "--shard", "1/2", "--out", str(tmp_path / "x.json")])
+    assert len(trained) == 9
+    trained.clear()
+    D.main([*argv[:4], "0.5", *argv[5:], "--reuse", str(tmp_path / "1.json"), "--shard", "1/2", "--out", str(tmp_path / "y.json")])
+    assert len(trained) == 9 - sum(r["variant"] == "base" for r in parts[0])
+    # the mechanism check and train split the same way
+    m = ["mechanism", "--epochs", "1", "--qualities", "1", "--variants", "full,uniform", "--batch-size", "64"]
+    for k in (1, 2):
+        D.main(m + ["--shard", f"{k}/2", "--out", str(tmp_path / f"m{k}.json")])
+    trained.clear()
+    out = D.main(m + ["--reuse", str(tmp_path / "m1.json"), str(tmp_path / "m2.json")])
+    assert trained == [] and "full_vs_uniform" in out["teachers"]["1.00"]
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"--reuse .*empty.json: no runs on tiny"):
+        D.main(m + ["--reuse", str(tmp_path / "empty.json")])
+
+
 def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
     ds_dir = tmp_path / "data"
     g = np.random.default_rng(0)
