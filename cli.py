@@ -46,17 +46,19 @@ def student_flags(p, Config) -> None:
 
 
 def shard(text: str) -> tuple[int, int]:
-    """--shard K/N -> (K, N), 1 <= K <= N."""
-    k, _, n = text.partition("/")
-    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n) <= 1000):
-        raise argparse.ArgumentTypeError(f"{text!r}: K/N with 1 <= K <= N <= 1000, e.g. 1/2")
-    return int(k), int(n)
+    """--shard i/n -> (i, n), 0 <= i < n, as the teacher's --shard."""
+    problem = teacher_llm.shard_spec(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}, e.g. 0/2")
+    i, n = (int(x) for x in text.split("/"))
+    return i, n
 
 
 def split_flags(p) -> None:
     """--shard and --reuse: a command's runs split over processes or machines, then one table."""
-    p.add_argument("--shard", type=shard, help="train only every N-th run, from the K-th (K/N, e.g. 1/2), write them "
-                                               "to --out and print no table; shards run side by side")
+    p.add_argument("--shard", dest="run_shard", type=shard,
+                   help="i/n: train every n-th run of the command, from the i-th (0-based, as the teacher's "
+                        "--shard), write them to --out and print no table; shards run side by side")
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
                    help="results files of earlier runs (e.g. of every --shard): a run of the same data, teacher "
                         "outputs and settings is taken from there, not trained again")
@@ -105,22 +107,22 @@ def preflight(ds: data.Dataset, args, device, top_n: int | None) -> None:
 
 class RunClock:
     """Runs done of all that a command asks for, over one or several train_students calls;
-    `planned` numbers every run of the command (shard (K, N): this process trains runs K, K+N, ...)."""
+    `planned` numbers every run of the command (shard (i, n): this process trains runs i, i+n, ..., 0-based)."""
 
     def __init__(self, total: int, shard: tuple[int, int] | None = None):
-        self.shard = k, n = shard or (1, 1)
-        self.all, self.total, self.done, self.planned = total, len(range(k - 1, total, n)), 0, 0
+        self.shard = i, n = shard or (0, 1)
+        self.all, self.total, self.done, self.planned = total, len(range(i, total, n)), 0, 0
         self.t0 = time.perf_counter()
 
     def __str__(self) -> str:
-        k, n = self.shard
-        return f"{self.all} runs" + (f" (shard {k}/{n} trains {self.total} of them)" if n > 1 else "")
+        i, n = self.shard
+        return f"{self.all} runs" + (f" (shard {i}/{n} trains {self.total} of them)" if n > 1 else "")
 
     def mine(self) -> bool:
         """Whether the next planned run is this shard's."""
-        k, n = self.shard
+        i, n = self.shard
         self.planned += 1
-        return (self.planned - 1) % n == k - 1
+        return (self.planned - 1) % n == i
 
     def taken(self) -> None:
         """A run of this shard's taken from --reuse, not trained."""
@@ -147,8 +149,8 @@ def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
         if isinstance(node, dict):
             if "config" in node and "test_ranks" in node and "teacher_checksum" in node:
                 if node.get("fingerprint") == ds.fingerprint:
-                    used = node["teacher_checksum"] if node["config"].get("distilled") else None
-                    found[run_key(ds.fingerprint, used, node["config"])] = {**node, "from": str(path)}
+                    teacher_used = node["teacher_checksum"] if node["config"].get("distilled") else None
+                    found[run_key(ds.fingerprint, teacher_used, node["config"])] = {**node, "from": str(path)}
                 return
             node = list(node.values())
         if isinstance(node, list):
@@ -172,12 +174,12 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
     calls this more than once). variants: a list of Config overrides, e.g. {} (the base),
     {"distilled": True, "ablation": "no_wp"}; an override "label" names the variant in the
     table (default: Config.variant); a dict {student: list} gives each student its own.
-    A run found in --reuse is taken from there; with --shard K/N only the command's runs
-    K, K+N, K+2N ... are trained and the others left out."""
+    A run found in --reuse is taken from there; with --shard i/n only the command's runs
+    i, i+n, i+2n ... (0-based) are trained and the others left out."""
     per_student = variants if isinstance(variants, dict) else {s: variants for s in args.students}
     plan = [(student, over, seed) for student in args.students for over in per_student[student]
             for seed in range(args.seed, args.seed + args.seeds)]
-    clock = clock or RunClock(len(plan), getattr(args, "shard", None))
+    clock = clock or RunClock(len(plan), getattr(args, "run_shard", None))
     teacher_checksum = cache.checksum(teacher) if teacher is not None else None
     earlier, runs = getattr(args, "earlier", {}), []
     for student, over, seed in plan:
@@ -187,8 +189,8 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
         label = label or cfg.variant
         if not clock.mine():
             continue
-        used = teacher_checksum if cfg.distilled else None          # fit ignores the teacher of a base run
-        taken = earlier.get(run_key(ds.fingerprint, used, json.loads(json.dumps(asdict(cfg)))))
+        teacher_used = teacher_checksum if cfg.distilled else None          # fit ignores the teacher of a base run
+        taken = earlier.get(run_key(ds.fingerprint, teacher_used, json.loads(json.dumps(asdict(cfg)))))
         if taken is not None:
             clock.taken()
             runs.append({**taken, "variant": label})
@@ -197,7 +199,7 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
             continue
         print(f"{student} {label} seed {seed} on {device}", flush=True)
         r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
-        r["variant"], r["teacher_checksum"] = label, used
+        r["variant"], r["teacher_checksum"] = label, teacher_used
         runs.append(r)
         print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
               f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
@@ -206,15 +208,15 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
 
 
 def save_shard(args, ds, runs: list[dict]) -> bool:
-    """With --shard: write this shard's runs (--out, or results/<dataset>-shard-K-of-N-<time>.json)
+    """With --shard: write this shard's runs (--out, or results/<dataset>-shard-i-of-n-<time>.json)
     and say how to print the tables; True when this is a shard (the command then stops)."""
-    if not getattr(args, "shard", None):
+    if not getattr(args, "run_shard", None):
         return False
-    k, n = args.shard
-    out = Path(args.out) if args.out else Path("results") / f"{ds.name}-shard-{k}-of-{n}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:], "shard": [k, n],
+    i, n = args.run_shard
+    out = Path(args.out) if args.out else Path("results") / f"{ds.name}-shard-{i}-of-{n}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(out, {"dataset": ds.name, "fingerprint": ds.fingerprint, "argv": sys.argv[1:], "shard": [i, n],
                      "runs": [r for r in runs if "from" not in r]})
-    print(f"shard {k}/{n}: wrote {out}; the tables: the same command without --shard, with --reuse and every "
+    print(f"shard {i}/{n}: wrote {out}; the tables: the same command without --shard, with --reuse and every "
           "shard's file")
     return True
 

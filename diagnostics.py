@@ -52,7 +52,7 @@ def cmd_mechanism(args, ds, method) -> dict:
     student, teachers = args.students[0], mechanism_teachers(ds, args)
     chosen = [(label, a) for key, label, a in MECHANISM_VARIANTS if key in args.variants]
     variants = [{"distilled": True, "ablation": a, "label": label} for label, a in chosen]
-    clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)), args.shard)
+    clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)), args.run_shard)
     print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
           f"and test rows, covering every training row. {student}, {args.seeds} seeds, until validation NDCG@20 has "
           f"not improved for {args.patience} epochs (at most {args.epochs}{'' if args.converged else ', short of convergence: --converged trains to it'}); "
@@ -195,7 +195,7 @@ def cmd_ablation(args, ds, method) -> dict:
     check_plot(args.plot)
     counts = cache.transition_counts(ds)
     plans = {s: ablation_variants(s, args.tables, method) for s in args.students}
-    clock = cli.RunClock(len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values()), args.shard)
+    clock = cli.RunClock(len(args.qualities) * args.seeds * sum(len(v) for v, _ in plans.values()), args.run_shard)
     print(f"{ds.summary()}\nDIAGNOSTIC teachers (they see held-out transitions) covering all {len(ds.train)} "
           f"training rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(args.students)}; {args.seeds} "
           f"seeds; until validation NDCG@20 has not improved for {args.patience} epochs (at most {args.epochs}); "
@@ -207,7 +207,7 @@ def cmd_ablation(args, ds, method) -> dict:
         print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows",
               flush=True)
         runs = cli.train_students(method.fit, ds, t, args, {s: v for s, (v, _) in plans.items()}, device, clock=clock)
-        if args.shard:
+        if args.run_shard:
             out[str(q)] = {"runs": runs}
             continue
         summary = method.summarise(runs, against)

@@ -1002,30 +1002,30 @@ def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monk
     argv = ["ablation", "--epochs", "1", "--qualities", "0", "--seeds", "2", "--batch-size", "64", "--students", "sasrec",
             "--tables", "ablations"]
     whole = D.main(argv)["0.0"]
-    parts = [D.main(argv + ["--shard", f"{k}/2", "--out", str(tmp_path / f"{k}.json")])["0.0"]["runs"] for k in (1, 2)]
-    assert "shard 2/2: wrote" in capsys.readouterr().out
+    parts = [D.main(argv + ["--shard", f"{i}/2", "--out", str(tmp_path / f"{i}.json")])["0.0"]["runs"] for i in (0, 1)]
+    assert "shard 1/2: wrote" in capsys.readouterr().out
     key = lambda r: (r["variant"], r["seed"])
     assert [len(p) for p in parts] == [9, 9] and not {*map(key, parts[0])} & {*map(key, parts[1])}
     assert {*map(key, parts[0] + parts[1])} == {*map(key, whole["runs"])}
     trained = []
     real_fit = D.fit
     monkeypatch.setattr(D, "fit", lambda ds, cfg, *a, **k: trained.append(cfg) or real_fit(ds, cfg, *a, **k))
-    merged = D.main(argv + ["--reuse", str(tmp_path / "1.json"), str(tmp_path / "2.json")])["0.0"]
+    merged = D.main(argv + ["--reuse", str(tmp_path / "0.json"), str(tmp_path / "1.json")])["0.0"]
     assert trained == [] and "taken from" in capsys.readouterr().out
     strip = lambda lines: [{k: v for k, v in l.items() if k != "paired"} for l in lines]
     assert strip(merged["summary"]) == strip(whole["summary"])
     # another setting (even one the base ignores) is trained again; another teacher: all but the base
-    D.main(argv + ["--lam", "0.5", "--reuse", str(tmp_path / "1.json"), "--shard", "1/2", "--out", str(tmp_path / "x.json")])
+    D.main(argv + ["--lam", "0.5", "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "x.json")])
     assert len(trained) == 9
     trained.clear()
-    D.main([*argv[:4], "0.5", *argv[5:], "--reuse", str(tmp_path / "1.json"), "--shard", "1/2", "--out", str(tmp_path / "y.json")])
+    D.main([*argv[:4], "0.5", *argv[5:], "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "y.json")])
     assert len(trained) == 9 - sum(r["variant"] == "base" for r in parts[0])
     # the mechanism check and train split the same way
     m = ["mechanism", "--epochs", "1", "--qualities", "1", "--variants", "full,uniform", "--batch-size", "64"]
-    for k in (1, 2):
-        D.main(m + ["--shard", f"{k}/2", "--out", str(tmp_path / f"m{k}.json")])
+    for i in (0, 1):
+        D.main(m + ["--shard", f"{i}/2", "--out", str(tmp_path / f"m{i}.json")])
     trained.clear()
-    out = D.main(m + ["--reuse", str(tmp_path / "m1.json"), str(tmp_path / "m2.json")])
+    out = D.main(m + ["--reuse", str(tmp_path / "m0.json"), str(tmp_path / "m1.json")])
     assert trained == [] and "full_vs_uniform" in out["teachers"]["1.00"]
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--reuse .*empty.json: no runs on tiny"):
@@ -1078,6 +1078,7 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
     (["bench", "--rows", "100000000000"], "--rows"), (["bench", "--items", "1"], "--items: 1: must be in 12.."),
     (["teacher", "--teacher-seqs", "100000"], "--teacher-seqs"), (["teacher", "--n-ctx", "1000000000"], "--n-ctx"),
     (["teacher", "--threads", "100000"], "--threads: 100000: must be in 1..512"), (["bench", "--warmup", "0"], "--warmup"),
+    (["ablation", "--shard", "2/2"], "--shard: '2/2': expected i/n"), (["train", "--shard", "1"], "--shard"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -1114,6 +1115,8 @@ def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
     (["train", "--ablations", "no_wp"], "need --teacher"), (["train", "--no-baseline"], "need --teacher"),
     (["reproduce", "--zero-shot", "--lora", "A"], "--zero-shot with --lora"),
     (["train", "--device", "cpu", "--official-protocol", "--batch-size", "400"], "300 training rows, fewer than --batch-size 400"),
+    (["ablation", "--reuse", "missing.json"], "--reuse missing.json: unreadable"),
+    (["mechanism", "--reuse", "A"], "--reuse A: unreadable or not valid JSON"),
 ])
 def test_bad_combinations_are_refused_after_loading_before_any_work(argv, message, tmp_path, monkeypatch):
     """Checks that need the data or the teacher's files, done before a baseline or the teacher runs."""
