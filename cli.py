@@ -56,7 +56,7 @@ def shard(text: str) -> tuple[int, int]:
 
 def split_flags(p) -> None:
     """--shard and --reuse: a command's runs split over processes or machines, then one table."""
-    p.add_argument("--shard", dest="run_shard", type=shard,
+    p.add_argument("--shard", dest="run_shard", type=shard, metavar="i/n",
                    help="i/n: train every n-th run of the command, from the i-th (0-based, as the teacher's "
                         "--shard), write them to --out and print no table; shards run side by side")
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
