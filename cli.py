@@ -136,8 +136,9 @@ class RunClock:
 
 
 def run_key(fingerprint: str, teacher_checksum: str | None, config: dict) -> str:
-    """What a run's result depends on: the data, the teacher's outputs and every setting."""
-    return json.dumps([fingerprint, teacher_checksum, config], sort_keys=True)
+    """What a run's result depends on: the data, the teacher's outputs (none for a base run:
+    fit ignores its teacher) and every setting."""
+    return json.dumps([fingerprint, teacher_checksum if config.get("distilled") else None, config], sort_keys=True)
 
 
 def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
@@ -149,8 +150,7 @@ def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
         if isinstance(node, dict):
             if "config" in node and "test_ranks" in node and "teacher_checksum" in node:
                 if node.get("fingerprint") == ds.fingerprint:
-                    teacher_used = node["teacher_checksum"] if node["config"].get("distilled") else None
-                    found[run_key(ds.fingerprint, teacher_used, node["config"])] = {**node, "from": str(path)}
+                    found[run_key(ds.fingerprint, node["teacher_checksum"], node["config"])] = {**node, "from": str(path)}
                 return
             node = list(node.values())
         if isinstance(node, list):
@@ -189,8 +189,7 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
         label = label or cfg.variant
         if not clock.mine():
             continue
-        teacher_used = teacher_checksum if cfg.distilled else None          # fit ignores the teacher of a base run
-        taken = earlier.get(run_key(ds.fingerprint, teacher_used, json.loads(json.dumps(asdict(cfg)))))
+        taken = earlier.get(run_key(ds.fingerprint, teacher_checksum, json.loads(json.dumps(asdict(cfg)))))
         if taken is not None:
             clock.taken()
             runs.append({**taken, "variant": label})
@@ -199,7 +198,7 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
             continue
         print(f"{student} {label} seed {seed} on {device}", flush=True)
         r = fit(ds, cfg, teacher, device, log=print if args.verbose else (lambda *_: None), subsets=subsets)
-        r["variant"], r["teacher_checksum"] = label, teacher_used
+        r["variant"], r["teacher_checksum"] = label, teacher_checksum
         runs.append(r)
         print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
               f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
