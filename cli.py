@@ -135,10 +135,17 @@ class RunClock:
         return f"[run {self.done}/{self.total}, {spent / 60:.1f} min, ETA {eta / 60:.0f} min]"
 
 
-def run_key(fingerprint: str, teacher_checksum: str | None, config: dict) -> str:
+def captured_step(device) -> bool:
+    """Whether fit trains with the captured step (CUDA): full batches only and the static
+    negative sampler, other runs than the eager step's (CPU) of the same settings."""
+    return torch.device(device).type == "cuda"
+
+
+def run_key(fingerprint: str, teacher_checksum: str | None, config: dict, captured: bool) -> str:
     """What a run's result depends on: the data, the teacher's outputs (none for a base run:
-    fit ignores its teacher) and every setting."""
-    return json.dumps([fingerprint, teacher_checksum if config.get("distilled") else None, config], sort_keys=True)
+    fit ignores its teacher), every setting and the kind of step (captured or eager)."""
+    return json.dumps([fingerprint, teacher_checksum if config.get("distilled") else None, config, bool(captured)],
+                      sort_keys=True)
 
 
 def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
@@ -150,7 +157,8 @@ def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
         if isinstance(node, dict):
             if "config" in node and "test_ranks" in node and "teacher_checksum" in node:
                 if node.get("fingerprint") == ds.fingerprint:
-                    found[run_key(ds.fingerprint, node["teacher_checksum"], node["config"])] = {**node, "from": str(path)}
+                    found[run_key(ds.fingerprint, node["teacher_checksum"], node["config"],
+                                  node.get("captured_step", False))] = {**node, "from": str(path)}
                 return
             node = list(node.values())
         if isinstance(node, list):
@@ -189,7 +197,8 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
         label = label or cfg.variant
         if not clock.mine():
             continue
-        taken = earlier.get(run_key(ds.fingerprint, teacher_checksum, json.loads(json.dumps(asdict(cfg)))))
+        taken = earlier.get(run_key(ds.fingerprint, teacher_checksum, json.loads(json.dumps(asdict(cfg))),
+                                    captured_step(device)))
         if taken is not None:
             clock.taken()
             runs.append({**taken, "variant": label})

@@ -301,7 +301,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     if cfg.distilled and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
     teacher = teacher if cfg.distilled else None
-    capture = torch.device(device).type == "cuda"     # the captured step needs fixed shapes: full batches
+    capture = cli.captured_step(device)               # the captured step needs fixed shapes: full batches
     cli.check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -1019,6 +1019,12 @@ def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monk
     trained.clear()
     D.main([*argv[:4], "0.5", *argv[5:], "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "y.json")])
     assert len(trained) == 9 - sum(r["variant"] == "base" for r in parts[0])
+    # runs of the captured (CUDA) step are other runs: an eager command trains them again
+    res = json.loads((tmp_path / "0.json").read_text())
+    (tmp_path / "cuda.json").write_text(json.dumps({**res, "runs": [{**r, "captured_step": True} for r in res["runs"]]}))
+    trained.clear()
+    D.main(argv + ["--reuse", str(tmp_path / "cuda.json"), "--shard", "0/2", "--out", str(tmp_path / "z.json")])
+    assert len(trained) == 9
     # the mechanism check splits and merges the same way
     m = ["mechanism", "--epochs", "1", "--qualities", "1", "--variants", "full,uniform", "--batch-size", "64"]
     for i in (0, 1):
