@@ -47,15 +47,16 @@ def cmd_mechanism(args, ds, method) -> dict:
         raise UserError(f"--students {','.join(args.students)}: the mechanism check trains one student")
     cli.preflight(ds, args, device, cache.SYNTHETIC_TOP_N)
     check_plot(args.plot)
-    if args.converged:
-        args.epochs, args.patience = method.Config.epochs, method.Config.patience
+    if args.converged:                       # the method's patience; an explicit larger --epochs is kept
+        args.epochs, args.patience = max(args.epochs, method.Config.epochs), method.Config.patience
+    short = args.epochs < method.Config.epochs or args.patience < method.Config.patience
     student, teachers = args.students[0], mechanism_teachers(ds, args)
     chosen = [(label, a) for key, label, a in MECHANISM_VARIANTS if key in args.variants]
     variants = [{"distilled": True, "ablation": a, "label": label} for label, a in chosen]
     clock = cli.RunClock(args.seeds * (1 + len(teachers) * len(variants)), args.run_shard)
     print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
           f"and test rows, covering every training row. {student}, {args.seeds} seeds, until validation NDCG@20 has "
-          f"not improved for {args.patience} epochs (at most {args.epochs}{'' if args.converged else ', short of convergence: --converged trains to it'}); "
+          f"not improved for {args.patience} epochs (at most {args.epochs}{', short of convergence: --converged trains to it' if short else ''}); "
           f"test NDCG@20; {clock} on {device}")
     base_runs = cli.train_students(method.fit, ds, None, args, [{}], device, clock=clock)
     against = {label: "base" for label, _ in chosen}
@@ -85,14 +86,18 @@ def cmd_mechanism(args, ds, method) -> dict:
     print(f"{'teacher':>8} " + " ".join(f"{label:>26}" for label, _ in chosen) + (f" {'full vs uniform':>26}" if both else ""))
     for name, row in table.items():
         pct = lambda c: f"{100 * c:+6.1f}%" if c is not None else "(base 0)"          # a change over 0 is none
-        cells = [f"{c['NDCG@20']:.4f} {pct(c['change_NDCG@20'])} {c['verdict'] or '':>12}" for c in row["cells"].values()]
+        capped = lambda c: "" if c["converged"] else "*"                 # a seed stopped at the epoch cap
+        cells = [f"{c['NDCG@20']:.4f}{capped(c)} {pct(c['change_NDCG@20'])} {c['verdict'] or '':>12}"
+                 for c in row["cells"].values()]
         if both:
             fu = row["full_vs_uniform"]
             p = fu["paired"]["p"] if fu["paired"] else math.nan
             cells.append(f"{pct(fu['change_NDCG@20'])} p {p:.3f} {fu['verdict']:>12}")
         print(f"{name:>8} " + " ".join(f"{c:>26}" for c in cells), flush=True)
     print("cells: test NDCG@20, its change over the base student and the verdict (beyond twice the combined seed "
-          f"std AND paired p < {method.P_LEVEL}); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K")
+          f"std AND paired p < {method.P_LEVEL}); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K"
+          + ("" if all(c["converged"] for row in table.values() for c in row["cells"].values()) and base["converged"]
+             else f"; *: a seed stopped at the epoch cap ({args.epochs}), not converged"))
     out = {"base": base, "teachers": table, "epochs": args.epochs, "patience": args.patience, "seeds": args.seeds,
            "runs": all_runs}
     if args.plot:
@@ -370,8 +375,8 @@ def add_commands(sub, parent, method) -> dict:
                     default=[v[0] for v in MECHANISM_VARIANTS],
                     help="comma-separated, from " + ",".join(f"{k} ({label})" for k, label, _ in MECHANISM_VARIANTS))
     mc.add_argument("--converged", action="store_true",
-                    help=f"train every cell to convergence (--epochs {method.Config.epochs} --patience "
-                         f"{method.Config.patience}), not the quick default")
+                    help=f"train every cell to convergence (--patience {method.Config.patience}, --epochs at least "
+                         f"{method.Config.epochs}), not the quick default")
     mc.add_argument("--plot", help="also write a PNG: gain against teacher quality, one line per variant (needs matplotlib)")
     cli.split_flags(mc)
     mc.set_defaults(students=["sasrec"], epochs=5, patience=5, seeds=2)

@@ -936,14 +936,18 @@ def test_mechanism_command_prints_a_row_per_teacher_with_the_paired_test(tmp_pat
         assert 0 <= row["full_vs_uniform"]["paired"]["p"] <= 1
     text = capsys.readouterr().out
     assert "DIAGNOSTIC" in text and "   mixed " in text and "[run 26/26" in text and (tmp_path / "m.json").exists()
+    assert "short of convergence" in text and "*: a seed stopped at the epoch cap (1), not converged" in text
+    assert all(f"{c['NDCG@20']:.4f}* " in text for row in out["teachers"].values() for c in row["cells"].values())
     seen = []
     def first_fit(ds, cfg, *a, **k):
         seen.append(cfg)
         raise RuntimeError("stop after the first configuration")
     monkeypatch.setattr(D, "fit", first_fit)
-    with pytest.raises(SystemExit, match="stop after"):
-        D.main(["mechanism", "--converged"])
-    assert (seen[0].epochs, seen[0].patience) == (D.Config.epochs, D.Config.patience)
+    for argv, epochs in ((["--converged"], D.Config.epochs), (["--converged", "--epochs", "300"], 300)):
+        with pytest.raises(SystemExit, match="stop after"):
+            D.main(["mechanism", *argv])
+        assert (seen[-1].epochs, seen[-1].patience) == (epochs, D.Config.patience)
+    assert "short of convergence" not in capsys.readouterr().out
 
 
 def test_mixed_teacher_is_the_oracle_on_half_the_rows_and_random_on_the_rest():
