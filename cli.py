@@ -150,15 +150,19 @@ def run_key(fingerprint: str, teacher_checksum: str | None, config: dict, captur
 
 def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
     """The runs in results files (of train, mechanism, ablation, at any depth) on this data:
-    {run_key: run}; a file unreadable or without such runs is named."""
+    {run_key: run}, a run that stopped on patience also under its key without the epoch cap
+    (see find_earlier); a file unreadable or without such runs is named."""
     found = {}
 
     def walk(node, path):
         if isinstance(node, dict):
             if "config" in node and "test_ranks" in node and "teacher_checksum" in node:
                 if node.get("fingerprint") == ds.fingerprint:
-                    found[run_key(ds.fingerprint, node["teacher_checksum"], node["config"],
-                                  node.get("captured_step", False))] = {**node, "from": str(path)}
+                    run, captured = {**node, "from": str(path)}, node.get("captured_step", False)
+                    found[run_key(ds.fingerprint, node["teacher_checksum"], node["config"], captured)] = run
+                    if node.get("converged"):
+                        found[run_key(ds.fingerprint, node["teacher_checksum"], {**node["config"], "epochs": None},
+                                      captured)] = run
                 return
             node = list(node.values())
         if isinstance(node, list):
@@ -174,6 +178,18 @@ def earlier_runs(paths: list[str], ds: data.Dataset) -> dict[str, dict]:
             raise UserError(f"--reuse {path}: no runs on {ds.name} (fingerprint {ds.fingerprint}) with their teacher's "
                             "checksum; results files of train, mechanism or ablation hold them")
     return found
+
+
+def find_earlier(earlier: dict, fingerprint: str, teacher_checksum: str | None, config: dict,
+                 captured: bool) -> dict | None:
+    """The earlier run of these settings, or None: the one of the same key, or one of another
+    --epochs that stopped on patience within this run's cap. Training reads the cap only to stop,
+    so a run that stopped after E epochs is the same run under any cap of E or more."""
+    exact = earlier.get(run_key(fingerprint, teacher_checksum, config, captured))
+    if exact is not None:
+        return exact
+    stopped = earlier.get(run_key(fingerprint, teacher_checksum, {**config, "epochs": None}, captured))
+    return stopped if stopped is not None and len(stopped["epochs"]) <= config["epochs"] else None
 
 
 def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock: RunClock | None = None) -> list[dict]:
@@ -197,8 +213,8 @@ def train_students(fit, ds, teacher, args, variants, device, subsets=None, clock
         label = label or cfg.variant
         if not clock.mine():
             continue
-        taken = earlier.get(run_key(ds.fingerprint, teacher_checksum, json.loads(json.dumps(asdict(cfg))),
-                                    captured_step(device)))
+        taken = find_earlier(earlier, ds.fingerprint, teacher_checksum, json.loads(json.dumps(asdict(cfg))),
+                             captured_step(device))
         if taken is not None:
             clock.taken()
             runs.append({**taken, "variant": label})

@@ -1041,6 +1041,26 @@ def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monk
         D.main(m + ["--reuse", str(tmp_path / "empty.json")])
 
 
+def test_a_run_that_stopped_on_patience_is_reused_under_a_larger_cap_only(tmp_path, monkeypatch):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    m = ["mechanism", "--qualities", "1", "--variants", "full", "--seeds", "1", "--batch-size", "64", "--patience", "1"]
+    runs = D.main(m + ["--epochs", "30", "--out", str(tmp_path / "stopped.json")])["runs"]
+    assert all(r["converged"] and len(r["epochs"]) < 30 for r in runs) and len(runs) == 2
+    capped = D.main(m + ["--epochs", "1", "--out", str(tmp_path / "capped.json")])["runs"]
+    assert not any(r["converged"] for r in capped)
+    trained, real_fit = [], D.fit
+    monkeypatch.setattr(D, "fit", lambda ds, cfg, *a, **k: trained.append(cfg.epochs) or real_fit(ds, cfg, *a, **k))
+    longest = max(len(r["epochs"]) for r in runs)
+    again = D.main(m + ["--epochs", str(longest), "--reuse", str(tmp_path / "stopped.json")])["runs"]
+    assert trained == [] and [r["test_ranks"] for r in again] == [r["test_ranks"] for r in runs]
+    D.main(m + ["--epochs", str(longest - 1), "--reuse", str(tmp_path / "stopped.json")])   # it would stop sooner
+    assert trained == [longest - 1] * sum(len(r["epochs"]) == longest for r in runs)
+    trained.clear()
+    D.main(m + ["--epochs", "30", "--reuse", str(tmp_path / "capped.json")])              # capped: not the same run
+    assert trained == [30, 30]
+
+
 def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
     ds_dir = tmp_path / "data"
     g = np.random.default_rng(0)
