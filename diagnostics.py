@@ -82,7 +82,7 @@ def cmd_mechanism(args, ds, method) -> dict:
                                           uniform["NDCG@20_std"], args.seeds, pair["p"] if pair else None)}
     base = method.summarise(base_runs)[0]
     print(f"\nbase {student}: test NDCG@20 {base['NDCG@20']:.4f} ± {base['NDCG@20_std']:.4f} over {base['seeds']} seeds "
-          f"(selected epochs {base['epochs']})")
+          f"(selected epochs {base['epochs']}){'' if base['converged'] else ' *'}")
     print(f"{'teacher':>8} " + " ".join(f"{label:>26}" for label, _ in chosen) + (f" {'full vs uniform':>26}" if both else ""))
     for name, row in table.items():
         pct = lambda c: f"{100 * c:+6.1f}%" if c is not None else "(base 0)"          # a change over 0 is none
