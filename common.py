@@ -1,6 +1,6 @@
 """Small helpers every module may use: the one-line error for bad input, atomic writes, the
-device choice, command-line flags generated from a settings dataclass (so that a default is
-written once, beside its help text), and the training step (eager, compiled or captured)."""
+folder for downloads and caches, the device choice, and command-line flags generated from a
+settings dataclass (so that a default is written once, beside its help text)."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,12 @@ class Progress:
         eta = (self.total - self.done) / rate
         print(f"\r  {self.what}: {self.done}/{self.total}  {rate:.2f}/s  ETA {eta / 60:.1f} min   ",
               end="\n" if self.done >= self.total else "", file=sys.stderr, flush=True)
+
+
+def cache_home() -> Path:
+    """Where downloads (data.py) and teacher caches (teacher.py) go: $DLLM2REC_CACHE, else
+    ~/.cache/dllm2rec."""
+    return Path(os.environ.get("DLLM2REC_CACHE", Path.home() / ".cache" / "dllm2rec"))
 
 
 def cpu_name() -> str:
@@ -237,60 +243,3 @@ def at_the_boundary(run, verbose: bool):
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
         first = str(e).splitlines()[0] if str(e) else ""
         sys.exit(f"error: {where}{type(e).__name__}: {first}" + ("" if verbose else " (-v shows the traceback)"))
-
-
-# ============================================================================ the training step
-class Step:
-    """One optimisation step of loss_fn(model, cfg, *batch, static=...): forward, backward, Adam. mode "eager" is the reference (and the
-    CPU's step); "compiled" runs it through torch.compile (backend: inductor, or aot_eager to
-    trace without code generation); "captured" (CUDA): the first `warmup` steps run eagerly on
-    a side stream (at least one, so that Adam's lazily created state is not captured), the next
-    is captured as one CUDA graph and replayed from then on with the batch copied into static
-    buffers: one launch a step instead of a few hundred. Streams and graph live on the model's
-    device (cuda:1 too). Compiled and captured steps are static: fixed shapes, no host
-    synchronisation."""
-
-    def __init__(self, loss_fn, model, opt, cfg, mode: str = "eager", static: bool | None = None,
-                 warmup: int = 3, backend: str = "inductor"):
-        self.loss_fn, self.model, self.opt, self.cfg, self.mode = loss_fn, model, opt, cfg, mode
-        self.warmup = max(1, warmup) if mode == "captured" else warmup
-        self.static = mode != "eager" if static is None else static
-        model.embed.static = self.static                  # no data-dependent shapes in the input layer
-        self.run = torch.compile(self.eager, backend=backend) if mode == "compiled" else self.eager
-        self.done, self.graph, self.inputs, self.loss = 0, None, None, None
-
-    def eager(self, *batch) -> torch.Tensor:
-        loss = self.loss_fn(self.model, self.cfg, *batch, static=self.static)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        return loss.detach()
-
-    def __call__(self, *batch) -> torch.Tensor:
-        self.done += 1
-        if self.mode != "captured":
-            return self.run(*batch)
-        with torch.cuda.device(next(self.model.parameters()).device):   # streams and graph on the model's GPU
-            return self.captured(*batch)
-
-    def captured(self, *batch) -> torch.Tensor:
-        if self.done <= self.warmup:                  # warm up off the default stream, as capture needs
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self.eager(*batch)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self.graph is None:
-            self.inputs = [x.clone() for x in batch]
-            self.graph = torch.cuda.CUDAGraph()
-            self.opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                self.loss = self.loss_fn(self.model, self.cfg, *self.inputs, static=True)
-                self.loss.backward()
-                self.opt.step()
-        else:
-            for buf, x in zip(self.inputs, batch):
-                buf.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.loss.detach().clone()

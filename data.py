@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError
+from common import UserError, cache_home
 
 MAX_HISTORY = 10
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
@@ -340,13 +340,9 @@ def read_official(folder: str | os.PathLike, name: str | None = None, allow_pick
 
 
 # ----------------------------------------------------------------------------- by name / path
-def cache_dir() -> Path:
-    return Path(os.environ.get("DLLM2REC_CACHE", Path.home() / ".cache" / "dllm2rec"))
-
-
 def download_ml100k(dest: Path | None = None) -> Path:
     """Download the GroupLens zip, verify its md5, unpack atomically; returns the folder."""
-    dest = dest or cache_dir() / "ml-100k"
+    dest = dest or cache_home() / "ml-100k"
     if (dest / "u.data").exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)

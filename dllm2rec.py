@@ -1,19 +1,29 @@
-"""DLLM2Rec (Cui et al., RecSys 2024): distil an LLM recommender into sequential students.
+"""DLLM2Rec (Cui et al., RecSys 2024, arXiv 2405.00338): distil an LLM recommender into a
+sequential student. The whole loss of one batch of B rows, each with a target t and one
+sampled negative n (the paper's section 4, in the official code's conventions):
 
-    loss = base BCE (+ the student's own term) + lam * L_rank
-    L_rank = sum_r mean_batch( w_r * (-log sig(s_{c_r}) - log(1 - sig(s_neg))) )
-    w = normalize_r(gamma_p w_p + gamma_c w_c + gamma_o w_o)
-(the paper's importance-aware ranking distillation), and the student's input embedding
-e_i = b_i + ed_weight * g(z_i) (its collaborative embedding distillation; students.ItemEmbedding).
+    loss = L_base + alpha * L_DRO(t)                 (alpha: DROS, and any <student>+dro)
+         + the student's own term                    (CL4SRec's InfoNCE: students.py)
+         + lam * L_rank                              (importance-aware ranking distillation, 4.2)
+    L_base = (mean_b -log sig(s_t) + mean_b -log(1 - sig(s_n))) / 2      (BCE, one mean over 2B logits)
+    L_rank = sum_r mean_b w_r * (-log sig(s_{c_r}) - log(1 - sig(s_n)) [+ alpha * L_DRO(c_r)])
+    w_r = normalize_r(gamma_p w_p + gamma_c w_c + gamma_o w_o)                      (eq. 6)
+    w_p = exp(-r) / Z (rank, eq. 3),  w_c = softmax_r(-d_r) (teacher confidence, eq. 4),
+    w_o = 1[c_r in the student's top-K] (consistency, eq. 5)
+    L_DRO(t) = log sum_j exp(ps_j (y_j - 1[j = t])^2 / beta)          (DROS, Yang et al. 2023)
 
-Defaults: the paper's method with the official code's conventions; `--official` switches on the
-official code's numerics and protocol (README: differences). Here: the method, its training and
-evaluation, the results table, the `reproduce` (default) and `train` commands; flags in cli.py.
+c_1..c_K are the teacher's top-K items (nearest first), d_r their distances. The collaborative
+embedding distillation (section 4.3) is the student's input layer, e_i = b_i + ed_weight * g(z_i)
+(students.ItemEmbedding). Training selects the epoch on validation NDCG@20 and reports test.
+
+Here: the paper's terms, Config, the training loss, the training loop and evaluation. The
+defaults are the paper's method in the official code's conventions; the official_* switches
+give the official code's numerics and protocol (README: differences). The commands are
+cli.py's; `python dllm2rec.py` runs the single command.
 """
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,28 +32,25 @@ import torch
 import torch.nn.functional as F
 
 import cache
-import cli
 import data
-import diagnostics
-import finetune
 import students
-import teacher as teacher_llm
-from common import Step, UserError, at_least, between, fraction, non_negative, opt, pick_device, positive
-from significance import ndcg_per_row, paired_test, signed_rank_test  # noqa: F401  (two for the tests)
+from common import UserError, at_least, between, fraction, non_negative, opt, positive
+from metrics import REPORTED, metrics_from_ranks
+from step import Step, captured
 
-CUTOFFS = (5, 10, 20)   # the k of HR@k and NDCG@k (cfg.K is the number of teacher candidates)
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
 OFFICIAL_EPS = 1e-8   # the official code adds it to exp(-d_r) and to the 0/1 consistency weight
+DRO_BETA = 1.0        # DROS's robust radius beta
 
 
-# ============================================================================ the paper's terms
+# ============================================================================ the paper's terms (section 4.2)
 def position_weight(K: int, device, dtype) -> torch.Tensor:
-    """w_p[r] = exp(-r / 1) / sum_{r'=1..K} exp(-r' / 1), r = 1..K -> [K]."""
+    """w_p[r] = exp(-r / 1) / sum_{r'=1..K} exp(-r' / 1), r = 1..K (eq. 3) -> [K]."""
     return torch.softmax(-torch.arange(1, K + 1, dtype=dtype, device=device), dim=0)
 
 
 def confidence_weight(dist: torch.Tensor) -> torch.Tensor:
-    """w_c = exp(-d_r) / sum_r' exp(-d_r'), the paper's form: dist [B, K] -> [B, K]
+    """w_c = exp(-d_r) / sum_r' exp(-d_r'), the paper's form (eq. 4): dist [B, K] -> [B, K]
     (a softmax, shift-safe: raw LLaMA distances of ~20 do not underflow)."""
     return torch.softmax(-dist, dim=1)
 
@@ -56,13 +63,13 @@ def confidence_weight_official(dist: torch.Tensor) -> torch.Tensor:
 
 
 def consistency_weight(cand: torch.Tensor, student_topk: torch.Tensor) -> torch.Tensor:
-    """w_o[r] = 1 if candidate c_r is in the student's current top-K, else 0: [B, K], [B, K'] -> [B, K].
-    (The official code writes 1 or 1e-8: consistency_weight(...) + OFFICIAL_EPS.)"""
+    """w_o[r] = 1 if candidate c_r is in the student's current top-K, else 0 (eq. 5):
+    [B, K], [B, K'] -> [B, K]. (The official code writes 1 or 1e-8: + OFFICIAL_EPS.)"""
     return (cand.unsqueeze(2) == student_topk.unsqueeze(1)).any(dim=2).to(torch.get_default_dtype())
 
 
 def importance_weight(w_p, w_c, w_o, gammas) -> torch.Tensor:
-    """w = normalize_over_r(gamma_p w_p + gamma_c w_c + gamma_o w_o) -> [B, K]."""
+    """w = normalize_over_r(gamma_p w_p + gamma_c w_c + gamma_o w_o) (eq. 6) -> [B, K]."""
     g_p, g_c, g_o = gammas
     w = g_p * w_p + g_c * w_c + g_o * w_o
     return w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
@@ -74,6 +81,57 @@ def neg_term(s_neg: torch.Tensor, official: bool) -> torch.Tensor:
     return F.softplus(s_neg - 1) if official else F.softplus(s_neg)
 
 
+# ---------------------------------------------------------------------------- the DRO term (DROS)
+def dro_ps(target_counts: torch.Tensor) -> torch.Tensor:
+    """ps_j = ((c_j + 1) / sum_k (c_k + 1)) ** 0.05, c_j = times item j is a training target. [n] -> [n]"""
+    c = target_counts.double() + 1
+    return (c / c.sum()).pow(0.05).float()
+
+
+class DroNormaliser(torch.autograd.Function):
+    """The part of L_DRO shared by every target of a row, in a few passes over [B, n].
+
+    With a_sj = c_j y_sj^2 (c = ps / beta): M [B] = max_j a_sj, top [B] = its argmax and
+    R [B] = sum_{j != top} exp(a_sj - M). Backward, with E_j = exp(a_j - M) and
+    a'_j = 2 c_j y_j: dR/dy_j = E_j a'_j for j != top, dR/dy_top = -R a'_top,
+    dM/dy_top = a'_top, and dM/dy_j = 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, y, c):                          # y [B, n], c [n]
+        E = y.square().mul_(c)                       # a
+        M, top = E.max(dim=1)
+        E.sub_(M.unsqueeze(1)).exp_()                # exp(a - M), 1 at top
+        E.scatter_(1, top.unsqueeze(1), 0.0)         # leave the top term out of R
+        R = E.sum(dim=1)
+        ctx.save_for_backward(y, c, E, top, R)
+        ctx.mark_non_differentiable(top)
+        return M, top, R
+
+    @staticmethod
+    def backward(ctx, g_M, _g_top, g_R):
+        y, c, E, top, R = ctx.saved_tensors
+        g_y = (E * g_R.unsqueeze(1)).mul_(y).mul_(2 * c)              # E_j a'_j g_R, 0 at top
+        col = top.unsqueeze(1)
+        a_top = 2 * c[top] * y.gather(1, col).squeeze(1)             # a'_top [B]
+        g_y.scatter_(1, col, ((g_M - g_R * R) * a_top).unsqueeze(1))
+        return g_y, None
+
+
+def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float = DRO_BETA) -> torch.Tensor:
+    """L_DRO(s, t) = log sum_j exp(ps_j (y_sj - 1[j = t])^2 / beta) for each row s and each
+    target column: scores [B, n], targets [B, m] -> [B, m]; the sum over j is computed once per
+    row (DroNormaliser) and shared by the targets. Stable: sum_j = exp(M) * rest_t + exp(b_t),
+    where rest_t, the sum over j != t divided by exp(M), is R if t is the row's argmax, else
+    1 + R - exp(a_t - M) (>= 1, no cancellation)."""
+    c = ps / beta
+    M, top, R = DroNormaliser.apply(scores, c)
+    y_t, c_t = scores.gather(1, targets), c[targets]                            # [B, m]
+    a_t, b_t = c_t * y_t.square(), c_t * (y_t - 1.0).square()                   # [B, m]
+    Mx, Rx = M.unsqueeze(1), R.unsqueeze(1)
+    rest = torch.where(targets == top.unsqueeze(1), Rx, 1.0 + Rx - torch.exp(a_t - Mx))
+    return torch.logaddexp(Mx + torch.log(rest.clamp(min=torch.finfo(scores.dtype).tiny)), b_t)
+
+
 def dro_candidate_term(w: torch.Tensor, dro_cand: torch.Tensor, official: bool) -> torch.Tensor:
     """sum_r mean_b(w_br L_DRO(b, c_r)), the intended per-row product; the official code's
     [B, 1] x [B] broadcast computes sum_r mean_b(w_br) * mean_b(L_DRO(b, c_r)). [B, K] -> []"""
@@ -82,6 +140,7 @@ def dro_candidate_term(w: torch.Tensor, dro_cand: torch.Tensor, official: bool) 
     return (w * dro_cand).sum(dim=1).mean()
 
 
+# ---------------------------------------------------------------------------- the ranking distillation
 def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=None, covered=None) -> torch.Tensor:
     """lam * L_rank, the importance-aware ranking distillation, vectorised over the K candidates.
 
@@ -91,8 +150,7 @@ def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=Non
     dro_cand [B, K]: L_DRO(s, c_r) for a student with the DRO term (adds alpha * w_r * L_DRO);
     covered [B] bool: rows the teacher ran on; the others contribute 0 to the batch mean, so a
     covered row weighs the same whatever the teacher's coverage.
-    cfg gives lam, the gammas, alpha and which official formulas to use.
-    The collaborative embedding term lives in the student's input: students.ItemEmbedding."""
+    cfg gives lam, the gammas, alpha and which official formulas to use."""
     B, K = cand.shape
     if cfg.weight_gammas is None:                                                # ablation: w_r = 1/K
         w = torch.full((B, K), 1.0 / K, dtype=dist.dtype, device=dist.device)
@@ -113,8 +171,9 @@ def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=Non
 # ============================================================================ configuration
 @dataclass
 class Config:
-    """One student's training; flags are generated from the fields with help text. Defaults:
-    the official README (lam, ed_weight, alpha, gammas, K, lr, batch) and the official code (patience 10)."""
+    """One student's training; the command-line flags are generated from the fields with help
+    text. Defaults: the official README (lam, ed_weight, alpha, gammas, K, lr, batch) and the
+    official code (patience 10)."""
     student: str = "sasrec"          # one of students.CHOICES
     distilled: bool = False          # False: the undistilled baseline
     ablation: str = "none"           # one of ABLATIONS, or none
@@ -148,6 +207,11 @@ class Config:
         return "base" if not self.distilled else "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
 
     @property
+    def with_dro(self) -> bool:
+        """The student carries the DRO term: dros, or <backbone>+dro (the name, not alpha, says so)."""
+        return students.parse_student(self.student)[1]
+
+    @property
     def rank_on(self) -> bool:
         return self.distilled and self.ablation != "no_rank"
 
@@ -163,21 +227,19 @@ class Config:
         return tuple(0.0 if self.ablation == name else g for g, name in zip(self.gammas, ("no_wp", "no_wc", "no_wo")))
 
 
-# The single command: overrides of the teacher's settings; per device, its students and seeds (CPU: ~20 min)
-REPRODUCE = {"train_rows": 512, "eval_rows": 128}   # TeacherSettings: --teacher-rows, --teacher-eval-rows
-PRESET_STUDENTS = {"cpu": (("sasrec", "dros"), 2), "cuda": (students.STUDENTS, 3)}
-
-
 def build_student(cfg: Config, n_items: int, train_targets: torch.Tensor, item_emb: torch.Tensor | None):
-    counts = torch.bincount(train_targets.cpu(), minlength=n_items)
-    return students.make_student(
-        cfg.student, n_items, target_counts=counts, alpha=cfg.alpha, dim=cfg.dim, dropout=cfg.dropout,
-        max_len=data.MAX_HISTORY, teacher_emb=item_emb if cfg.embed_on else None, ed_weight=cfg.ed_weight,
-        use_offset=cfg.ablation != "no_offset")
+    """The student of cfg; with the DRO term, its ps (a buffer "ps", from the training targets)."""
+    model = students.make_student(
+        cfg.student, n_items, dim=cfg.dim, dropout=cfg.dropout, max_len=data.MAX_HISTORY,
+        teacher_emb=item_emb if cfg.embed_on else None, ed_weight=cfg.ed_weight, use_offset=cfg.ablation != "no_offset")
+    if cfg.with_dro:
+        model.register_buffer("ps", dro_ps(torch.bincount(train_targets.cpu(), minlength=n_items)))
+    return model
 
 
-# ============================================================================ one step
-NEG_DRAWS = 16   # candidates per row drawn at once by the static sampler
+# ============================================================================ the training loss
+NEG_DRAWS = 16         # candidates per row drawn at once by the static sampler
+MAX_REDRAWS = 10_000   # rounds of the eager sampler; check_trainable refuses rows without any valid negative
 
 
 def sample_negatives(hist: torch.Tensor, target: torch.Tensor, n_items: int, static: bool) -> torch.Tensor:
@@ -198,9 +260,6 @@ def sample_negatives(hist: torch.Tensor, target: torch.Tensor, n_items: int, sta
     raise RuntimeError(f"no valid negative after {MAX_REDRAWS} draws: does a row hold all {n_items} items?")
 
 
-MAX_REDRAWS = 10_000   # rounds of the eager sampler; check_trainable refuses rows without any valid negative
-
-
 def bce_base(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
     """BCE with logits over the 2B logits (B targets labelled 1, B negatives labelled 0), ONE
     mean as in the official code: (mean_b softplus(-s_pos) + mean_b softplus(s_neg)) / 2."""
@@ -209,21 +268,21 @@ def bce_base(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
 
 def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_ids=None, t_dist=None,
                   covered=None, static: bool = False) -> torch.Tensor:
-    """Base BCE on (target, one negative) + alpha * L_DRO (dros, +dro) + the student's own term
-    (CL4SRec's) (+ lam * L_rank, which carries alpha * w_r * L_DRO(c_r) with DRO).
-    hist [B, L], lens [B], target [B]; t_ids / t_dist [B, K] the teacher's top-K.
-    static: fixed shapes and no host synchronisation, for a captured step."""
+    """The module docstring's loss for one batch. hist [B, L], lens [B], target [B]; t_ids /
+    t_dist [B, K]: the teacher's top-K; covered [B]: rows the teacher ran on.
+    static: fixed shapes and no host synchronisation, for a compiled or captured step."""
     neg = sample_negatives(hist, target, model.n_items, static)
     h = model(hist, lens)                                                   # [B, d]
     s = model.score(h, torch.stack([target, neg], 1))                       # [B, 2]
     loss = bce_base(s[:, 0], s[:, 1])
     rank_on = cfg.rank_on and t_ids is not None
-    scores_all = model.score_all(h) if model.dro_alpha > 0 else None       # [B, n_items]
+    scores_all = model.score_all(h) if cfg.with_dro else None              # [B, n_items]
     dro_cand = None
-    if scores_all is not None:  # L_DRO with the target (and each candidate): one normaliser per row
-        dro = model.dro_terms(scores_all, torch.cat([target.unsqueeze(1), t_ids], 1) if rank_on else target.unsqueeze(1))
-        loss = loss + model.dro_alpha * dro[:, 0].mean()                   # dro [B, 1 (+ K)]
-        dro_cand = dro[:, 1:] if rank_on else None
+    if cfg.with_dro:            # L_DRO of the target (and of each candidate): one normaliser per row
+        dro = dro_loss(scores_all, torch.cat([target.unsqueeze(1), t_ids], 1) if rank_on else target.unsqueeze(1),
+                       model.ps)                                            # [B, 1 (+ K)]
+        loss = loss + cfg.alpha * dro[:, 0].mean()
+        dro_cand = dro[:, 1:] if rank_on else None                          # weighted by alpha * w_r in distill
     extra = model.extra_loss(hist, lens, h, target)
     if extra is not None:
         loss = loss + extra
@@ -235,17 +294,7 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
     return loss
 
 
-# ============================================================================ evaluation
-def metrics_from_ranks(ranks: torch.Tensor, ks=CUTOFFS) -> dict:
-    """ranks [N], 0-based rank of each target -> HR@k and NDCG@k (= 1/log2(rank+2) if hit)."""
-    out = {}
-    for k in ks:
-        hit = (ranks < k).double()
-        out[f"HR@{k}"] = hit.mean().item()
-        out[f"NDCG@{k}"] = (hit / torch.log2(ranks.double() + 2)).mean().item()
-    return out
-
-
+# ============================================================================ evaluation (section 5.1)
 def ranks_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target in its row of scores [b, n]; ties count against the target
     (a model scoring everything equal gets no hits); a NaN target score ranks last, never a hit."""
@@ -279,6 +328,25 @@ def popularity_metrics(ds: data.Dataset, split: data.Split) -> dict:
 
 
 # ============================================================================ training
+def check_trainable(ds: data.Dataset, batch_size: int, full_batches: bool) -> None:
+    """Refuse, before any work, data a student cannot be trained on: an empty split, a training
+    row whose history and target hold every item (no negative to sample), or fewer rows than one
+    batch where only full batches run (the captured step, the official protocol)."""
+    for name, split in (("training", ds.train), ("validation", ds.val), ("test", ds.test)):
+        if len(split) == 0:
+            raise UserError(f"{ds.name}: 0 {name} rows (train/val/test {len(ds.train)}/{len(ds.val)}/{len(ds.test)}); "
+                            "a student needs rows in each: more users with more interactions")
+    if full_batches and len(ds.train) < batch_size:
+        raise UserError(f"{ds.name}: {len(ds.train)} training rows, fewer than --batch-size {batch_size}; the "
+                        "captured step (CUDA) and --official-protocol run full batches only: a smaller --batch-size")
+    if ds.n_items <= data.MAX_HISTORY + 1:          # otherwise every row leaves at least one item out
+        held = np.concatenate([ds.train.hist, ds.train.target[:, None]], 1)
+        distinct = np.array([len(set(row) - {ds.n_items}) for row in held])
+        if (distinct >= ds.n_items).any():
+            r = int(np.argmax(distinct >= ds.n_items))
+            raise UserError(f"{ds.name}: training row {r + 1} holds all {ds.n_items} items: no negative item to sample")
+
+
 def to_tensors(split: data.Split, device):
     return tuple(torch.as_tensor(a, device=device) for a in (split.hist, split.lens, split.target))
 
@@ -294,15 +362,15 @@ def epoch_batches(n: int, cfg: Config, device, full_only: bool) -> list[torch.Te
 
 
 def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, subsets: dict | None = None) -> dict:
-    """Train one student; select the epoch on validation NDCG@20 and stop after `patience`
-    epochs without improvement; report test at the selected epoch (official protocol: select
-    and stop on test, evaluate with dropout on). subsets: {name: data.Split} also evaluated
-    at every selected epoch (the reproduction passes the test rows the teacher covered)."""
+    """Train one student: epochs of steps until validation NDCG@20 has not improved for
+    `patience` epochs; report test at the selected epoch (official protocol: select and stop on
+    test, evaluate with dropout on). teacher: cache.TeacherOutputs (needed when distilled);
+    subsets: {name: data.Split} also evaluated at every selected epoch."""
     if cfg.distilled and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
     teacher = teacher if cfg.distilled else None
-    capture = cli.captured_step(device)               # the captured step needs fixed shapes: full batches
-    cli.check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
+    capture = captured(device)                        # the captured step needs fixed shapes: full batches
+    check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     train = to_tensors(ds.train, device)
@@ -316,7 +384,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     if teacher is not None and cfg.rank_on:
         tt = tuple(torch.as_tensor(a, device=device) for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
     select_on, other = ("test", "val") if cfg.official_protocol else ("val", "test")
-
+    key = f"NDCG@{REPORTED}"
     ranks = {}                                        # the latest ranks of each split: test's feed the paired test
 
     def evaluate(name, split_t):
@@ -334,13 +402,14 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
         loss = total.item() / rows
         t1 = time.perf_counter()
         e = {"epoch": epoch, "loss": loss, select_on: evaluate(select_on, split[select_on])}
-        improved = best is None or e[select_on]["NDCG@20"] > best[select_on]["NDCG@20"]
+        improved = best is None or e[select_on][key] > best[select_on][key]
         if improved or cfg.official_protocol:   # the other split only where it may be reported
             e[other] = evaluate(other, split[other])
             e["subsets"] = {name: evaluate(name, t) for name, t in extra.items()}
         history.append({**e, "train_s": round(t1 - t0, 3), "eval_s": round(time.perf_counter() - t1, 3)})
-        log(f"  epoch {epoch:3d} loss {loss:.6f} {select_on} NDCG@20 {e[select_on]['NDCG@20']:.4f} "
-            f"HR@20 {e[select_on]['HR@20']:.4f} ({history[-1]['train_s']:.1f}s + {history[-1]['eval_s']:.1f}s eval)")
+        log(f"  epoch {epoch:3d} loss {loss:.6f} {select_on} {key} {e[select_on][key]:.4f} "
+            f"HR@{REPORTED} {e[select_on][f'HR@{REPORTED}']:.4f} ({history[-1]['train_s']:.1f}s + "
+            f"{history[-1]['eval_s']:.1f}s eval)")
         if not math.isfinite(loss):
             raise FloatingPointError(f"{cfg.student} {cfg.variant}: loss became {loss} at epoch {epoch}")
         best, bad_epochs = (history[-1], 0) if improved else (best, bad_epochs + 1)
@@ -358,151 +427,6 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     }
 
 
-# ============================================================================ the results table
-def mean_std(xs):
-    xs = np.asarray(xs, dtype=float)
-    return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
-
-
-P_LEVEL = 0.05   # the paired test's level
-
-
-def verdict(mean_d: float, std_d: float, mean_b: float, std_b: float, seeds: int, p: float | None = None) -> str:
-    """A gain (or loss) only beyond twice the combined standard deviation of the two means' seeds
-    and, where the paired test ran, with its p below P_LEVEL: both must agree."""
-    if seeds < 2:
-        return "1 seed: no noise estimate"
-    noise = 2 * math.hypot(std_d, std_b)
-    if abs(mean_d - mean_b) <= noise or (p is not None and p >= P_LEVEL):
-        return "within noise"
-    return "gain" if mean_d > mean_b else "loss"
-
-
-def summarise(runs: list[dict], against: dict | None = None) -> list[dict]:
-    """One line per (student, variant): mean and std over seeds; for a variant with a reference
-    (against: {variant: reference variant}; default: every variant against "base") its change in
-    NDCG@20, the paired test over the test rows, and whether the change is a gain or a loss."""
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault((r["config"]["student"], r["variant"]), []).append(r)
-    lines = {}
-    for (student, variant), rs in groups.items():
-        line = lines[student, variant] = {"student": student, "variant": variant, "seeds": len(rs),
-                                          "epochs": [r["selected_epoch"] for r in rs],
-                                          "converged": all(r["converged"] for r in rs)}
-        for m in ("HR@20", "NDCG@20"):
-            line[m], line[m + "_std"] = mean_std([r["test"][m] for r in rs])
-    for (student, variant), line in lines.items():
-        ref_name = (against or {}).get(variant, None if against else "base")
-        ref = lines.get((student, ref_name))
-        line.update({"against": None, "change_NDCG@20": None, "seed_noise": None, "paired": None, "verdict": None})
-        if ref is not None and ref is not line and ref["NDCG@20"] > 0:
-            seeds = min(line["seeds"], ref["seeds"])
-            line["against"], line["change_NDCG@20"] = ref_name, line["NDCG@20"] / ref["NDCG@20"] - 1
-            means = (line["NDCG@20"], line["NDCG@20_std"], ref["NDCG@20"], ref["NDCG@20_std"], seeds)
-            line["seed_noise"] = verdict(*means) if seeds > 1 else "1 seed"
-            line["paired"] = paired_test(groups[student, variant], groups[student, ref_name])
-            line["verdict"] = verdict(*means, line["paired"]["p"] if line["paired"] else None)
-    return list(lines.values())
-
-
-def format_table(lines: list[dict], floor: dict | None = None) -> str:
-    """The results table; floor: {label: metrics} rows printed first (popularity, teacher)."""
-    rows = [f"{'':36} {'seeds':>5} {'HR@20':>13} {'NDCG@20':>13}  {'change in NDCG@20':24} {'seeds say':13} "
-            f"{'paired p':>8}  verdict"]
-    for label, m in (floor or {}).items():
-        rows.append(f"{label:36} {'':5} {m['HR@20']:13.4f} {m['NDCG@20']:13.4f}")
-    for l in lines:
-        change = f"{100 * l['change_NDCG@20']:+6.1f}% vs {l['against']}" if l["change_NDCG@20"] is not None else ""
-        p = f"{l['paired']['p']:8.4f}" if l.get("paired") else f"{'':8}"
-        flag = "" if l["converged"] else " (not converged: epoch cap)"
-        rows.append(f"{l['student'] + ' ' + l['variant']:36} {l['seeds']:5d} {l['HR@20']:.4f}±{l['HR@20_std']:.4f} "
-                    f"{l['NDCG@20']:.4f}±{l['NDCG@20_std']:.4f}  {change:24} {l.get('seed_noise') or '':13} {p}  "
-                    f"{l['verdict'] or ''}{flag}".rstrip())
-    rows.append("test metrics at the epoch of best validation NDCG@20, mean ± std over seeds. A change is a gain or a "
-                "loss only when both agree: beyond twice the combined std of the seeds, and paired p < "
-                f"{P_LEVEL} (Wilcoxon signed-rank over the test rows, per-row NDCG@20 averaged over seeds)")
-    return "\n".join(rows)
-
-
-# ============================================================================ commands
-def ranking_share(covered: int, n_train: int, cfg: Config) -> str:
-    """What the ranking term acts on. An uncovered row weighs 0 in L_rank's batch mean, so a
-    covered row weighs what it weighs in the paper and the term as a whole acts with
-    lam x coverage of its full-coverage weight."""
-    c = covered / n_train
-    return (f"the ranking term acts on {covered} of {n_train} training rows (coverage {c:.1%}): about "
-            f"{c * cfg.batch_size:.1f} covered rows in a {cfg.batch_size}-row batch, an effective weight of "
-            f"lam x coverage = {cfg.lam:g} x {c:.4f} = {cfg.lam * c:.4f} (lam {cfg.lam:g} at full coverage)")
-
-
-def cmd_train(args, ds) -> dict:
-    device = pick_device(args.device)
-    if not args.teacher and (args.ablations or not args.baseline):
-        raise UserError("--ablations and --no-baseline act on distilled runs: they need --teacher")
-    teacher = cache.load_teacher(args.teacher, ds) if args.teacher else None
-    cli.preflight(ds, args, device, teacher.top_n if teacher is not None else None)
-    if teacher is not None:
-        print(teacher_llm.describe(teacher, ds))
-    variants = [{}] if args.baseline or teacher is None else []
-    variants += [{"distilled": True, "ablation": a} for a in ["none", *args.ablations]] if teacher is not None else []
-    runs = cli.train_students(fit, ds, teacher, args, variants, device)
-    if cli.save_shard(args, ds, runs):
-        return {"runs": runs}
-    summary = summarise(runs)
-    print(format_table(summary))
-    if teacher is not None:
-        print(ranking_share(len(teacher.splits["train"].rows), len(ds.train), cli.config(args)))
-    cli.save_results(args, ds, runs, summary)
-    return {"summary": summary, "runs": runs}
-
-
-def cmd_reproduce(args, ds) -> dict:
-    """The teacher (cached after the first run), then every student without and with DLLM2Rec,
-    trained to convergence over seeds; one table beside the popularity floor and the teacher."""
-    t_start = time.perf_counter()
-    device = pick_device(args.device)
-    cli.preflight(ds, args, device, args.top_n)
-    teacher, teacher_eval, path = teacher_llm.stage(args, ds)
-    t_teacher = time.perf_counter() - t_start
-    preset, seeds = PRESET_STUDENTS[device.type]
-    if args.students is None or args.seeds is None:
-        args.students, args.seeds = args.students or list(preset), args.seeds or seeds
-        if device.type == "cpu":
-            print(f"on CPU the single command trains {', '.join(args.students)} over {args.seeds} seeds to fit about 20 "
-                  "minutes; the full protocol runs on CUDA, or here with --students gru4rec,sasrec,cl4srec,dros,caser --seeds 3")
-    print(f"students: {', '.join(args.students)}, {args.seeds} seed(s), until validation NDCG@20 has not improved "
-          f"for {args.patience} epochs (at most {args.epochs}), on {device}")
-    rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
-    subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
-    runs = cli.train_students(fit, ds, teacher, args, [{}, {"distilled": True}], device, subsets)
-    summary = summarise(runs)
-    covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
-    floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}
-    print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
-          f"({covered / len(ds.train):.1%}), outputs checksum {checksum}")
-    print(format_table(summary, floor))
-    print(ranking_share(covered, len(ds.train), cli.config(args)))
-    latency = teacher_llm.beside(teacher, teacher_eval, popularity_metrics(ds, subsets["teacher_test_rows"]), summary,
-                                 runs, eval_rows=len(ds.val) + len(ds.test) + len(rows))
-    cli.save_results(args, ds, runs, summary, floor=floor, latency=latency, teacher={
-        "cache": str(path), "eval": teacher_eval, "manifest": teacher.manifest, "covered_train_rows": covered,
-        "checksum": checksum})
-    print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
-    return {"summary": summary, "runs": runs, "teacher": teacher_eval}
-
-
-def parse_args(argv=None):
-    """The command line is cli.py's: train and reproduce (this module's, passed as `method`, so
-    that no module imports this one), then each other module's own commands."""
-    method = sys.modules[__name__]
-    return cli.parse_args(argv, method, [teacher_llm.add_commands, finetune.add_commands,
-                                         lambda sub, parent: diagnostics.add_commands(sub, parent, method)])
-
-
-def main(argv=None):
-    return cli.main(parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":      # the single command and every other: the command line is cli.py's
+    import cli
+    cli.main()

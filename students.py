@@ -7,8 +7,8 @@ distillation as their input layer.
 A student maps a right-padded history [B, L] to a state h [B, d]; its untied output layer
 scores items. `score(h, items)` scores only the items asked for (the base loss and the
 ranking distillation need a few per row), `score_all(h)` scores the whole catalogue
-(evaluation, the student's top-K, the DRO term). `dro_terms` gives L_DRO for any targets of a
-row; dllm2rec.training_loss adds it, alpha-weighted, for the target (and each teacher candidate).
+(evaluation, the student's top-K, the DRO term). The DRO term itself is part of the training
+loss (dllm2rec.py): a name says only whether a student carries it (parse_student).
 """
 from __future__ import annotations
 
@@ -74,22 +74,15 @@ class ItemEmbedding(nn.Module):
 
 
 class Student(nn.Module):
-    """Shared parts: input embedding, dropout, untied output layer Linear(state, n_items), and
-    the DRO term when dro_alpha > 0 (ps from target_counts, the training targets per item)."""
+    """Shared parts: input embedding, dropout, untied output layer Linear(state, n_items)."""
 
     def __init__(self, n_items: int, *, dim: int, dropout: float, max_len: int, teacher_emb: torch.Tensor | None = None,
-                 ed_weight: float = 0.0, use_offset: bool = True, dro_alpha: float = 0.0,
-                 target_counts: torch.Tensor | None = None, state_dim: int | None = None):
+                 ed_weight: float = 0.0, use_offset: bool = True, state_dim: int | None = None):
         super().__init__()
         self.n_items, self.dim, self.max_len = n_items, dim, max_len
         self.embed = ItemEmbedding(n_items, dim, teacher_emb, ed_weight, use_offset)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(state_dim or dim, n_items)
-        self.dro_alpha, self.beta = dro_alpha, DRO_BETA
-        if dro_alpha > 0:
-            if target_counts is None:
-                raise ValueError("the DRO term needs target_counts (ps)")
-            self.register_buffer("ps", dro_ps(target_counts))
 
     def encode(self, hist: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -107,10 +100,6 @@ class Student(nn.Module):
     def extra_loss(self, hist, lens, h, target) -> torch.Tensor | None:
         """The student's own term beside the BCE base loss and DRO (CL4SRec's); None for others."""
         return None
-
-    def dro_terms(self, scores_all: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """L_DRO(s, t) for each column of targets [B, m] (the normaliser once per row) -> [B, m]."""
-        return dro_loss(scores_all, targets, self.ps, self.beta)
 
 
 def last_real(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -291,64 +280,9 @@ class CL4SRec(SASRec):
         return self.cl_weight * info_nce(z1, z2, self.tau)
 
 
-# ----------------------------------------------------------------------------- DRO (DROS = SASRec + it)
-DRO_BETA = 1.0   # DROS's robust radius beta (Yang et al., SIGIR 2023)
-
-
-class DroNormaliser(torch.autograd.Function):
-    """The part of L_DRO shared by every target of a row, in a few passes over [B, n].
-
-    With a_sj = c_j y_sj^2 (c = ps / beta): M [B] = max_j a_sj, top [B] = its argmax and
-    R [B] = sum_{j != top} exp(a_sj - M). Backward, with E_j = exp(a_j - M) and
-    a'_j = 2 c_j y_j: dR/dy_j = E_j a'_j for j != top, dR/dy_top = -R a'_top,
-    dM/dy_top = a'_top, and dM/dy_j = 0 elsewhere."""
-
-    @staticmethod
-    def forward(ctx, y, c):                          # y [B, n], c [n]
-        E = y.square().mul_(c)                       # a
-        M, top = E.max(dim=1)
-        E.sub_(M.unsqueeze(1)).exp_()                # exp(a - M), 1 at top
-        E.scatter_(1, top.unsqueeze(1), 0.0)         # leave the top term out of R
-        R = E.sum(dim=1)
-        ctx.save_for_backward(y, c, E, top, R)
-        ctx.mark_non_differentiable(top)
-        return M, top, R
-
-    @staticmethod
-    def backward(ctx, g_M, _g_top, g_R):
-        y, c, E, top, R = ctx.saved_tensors
-        g_y = (E * g_R.unsqueeze(1)).mul_(y).mul_(2 * c)              # E_j a'_j g_R, 0 at top
-        col = top.unsqueeze(1)
-        a_top = 2 * c[top] * y.gather(1, col).squeeze(1)             # a'_top [B]
-        g_y.scatter_(1, col, ((g_M - g_R * R) * a_top).unsqueeze(1))
-        return g_y, None
-
-
-def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float,
-             parts=None) -> torch.Tensor:
-    """L_DRO(s, t) = log sum_j exp(ps_j (y_sj - 1[j = t])^2 / beta) for each row s and each
-    target column. scores [B, n], targets [B, m] -> [B, m]. parts: DroNormaliser's output
-    for these scores, computed once per row and shared by all targets.
-    Stable: sum_j = exp(M) * rest_t + exp(b_t), where rest_t, the sum over j != t divided by
-    exp(M), is R if t is the row's argmax, else 1 + R - exp(a_t - M) (>= 1, no cancellation)."""
-    c = ps / beta
-    M, top, R = parts if parts is not None else DroNormaliser.apply(scores, c)
-    y_t, c_t = scores.gather(1, targets), c[targets]                            # [B, m]
-    a_t, b_t = c_t * y_t.square(), c_t * (y_t - 1.0).square()                   # [B, m]
-    Mx, Rx = M.unsqueeze(1), R.unsqueeze(1)
-    rest = torch.where(targets == top.unsqueeze(1), Rx, 1.0 + Rx - torch.exp(a_t - Mx))
-    return torch.logaddexp(Mx + torch.log(rest.clamp(min=torch.finfo(scores.dtype).tiny)), b_t)
-
-
-def dro_ps(target_counts: torch.Tensor) -> torch.Tensor:
-    """ps_j = ((c_j + 1) / sum_k (c_k + 1)) ** 0.05, c_j = times item j is a training target."""
-    c = target_counts.double() + 1
-    return (c / c.sum()).pow(0.05).float()
-
-
-def make_student(name: str, n_items: int, target_counts: torch.Tensor, alpha: float, **kw) -> Student:
-    """name: one of CHOICES; alpha: the DRO term's weight where the name carries it (dros,
-    +dro); kw: dim, dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
-    backbone, dro = parse_student(name)
+def make_student(name: str, n_items: int, **kw) -> Student:
+    """name: one of CHOICES (its backbone; the DRO term is the training loss's); kw: dim,
+    dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
+    backbone, _ = parse_student(name)
     cls = {"gru4rec": GRU4Rec, "sasrec": SASRec, "cl4srec": CL4SRec, "caser": Caser}[backbone]
-    return cls(n_items, dro_alpha=alpha if dro else 0.0, target_counts=target_counts, **kw)
+    return cls(n_items, **kw)

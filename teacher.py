@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-import data
 from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_title, checksum, export_official,
                    load_teacher, read_cache, read_json, teacher_metrics, title_match_share, write_cache)
-from common import (Progress, UserError, add_flags, at_least, atomic_write, between, checked, cpu_name, file_sha256, from_args,
-                    opt, write_json)
+from common import (Progress, UserError, add_flags, at_least, atomic_write, between, cache_home, checked, cpu_name,
+                    file_sha256, from_args, opt, write_json)
 from llm import (LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
                  read_chat_template)
 
@@ -357,15 +356,6 @@ def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> 
 
 
 # ============================================================================ commands
-def default_cache(ds, st: TeacherSettings) -> Path:
-    """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
-    model = Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1"
-    parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
-             "titles" if st.titles_only else None, f"b{st.n_seq}" if st.n_seq != 1 else None,
-             f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]
-    return data.cache_dir() / "teacher" / "-".join(p for p in parts if p)
-
-
 def describe(teacher: TeacherOutputs, ds) -> str:
     s = teacher.splits["train"]
     return (f"teacher {teacher.source}: d_llm {teacher.d_llm}, top-{teacher.top_n}, covers {len(s.rows)} of "
@@ -481,11 +471,20 @@ def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list
     return latency
 
 
+def default_cache(ds, st: TeacherSettings) -> Path:
+    """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
+    model = Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1"
+    parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
+             "titles" if st.titles_only else None, f"b{st.n_seq}" if st.n_seq != 1 else None,
+             f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]
+    return cache_home() / "teacher" / "-".join(p for p in parts if p)
+
+
 def settings_flags(p, zero_shot: bool = False) -> None:
     """TeacherSettings' flags and --cache; zero_shot: also --zero-shot, for the single command."""
     add_flags(p.add_argument_group("teacher"), TeacherSettings)
-    p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows under "
-                                   "~/.cache/dllm2rec/teacher)")
+    p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows "
+                                   "under $DLLM2REC_CACHE/teacher, else ~/.cache/dllm2rec/teacher)")
     if zero_shot:
         p.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
 

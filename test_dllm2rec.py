@@ -23,13 +23,19 @@ import pytest
 import torch
 
 import cache as C
+import cli
 import data
-import diagnostics
 import dllm2rec as D
 import finetune as FT
+import metrics
+import research.plots
+import results as R
+import runs
+import step as ST
 import students as S
 import teacher as T
 from common import at_the_boundary, from_args
+from research import ablation as ABL, commands as RC, mechanism as MECH, synthetic as SY
 
 ROOT = Path(__file__).resolve().parent
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", ROOT.parent / "shared" / "datasets" / "ml-100k"))
@@ -38,6 +44,18 @@ needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and im
 
 
 # ============================================================================ helpers and fixtures
+RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench")   # `python -m research`'s commands
+
+
+def main(argv):
+    """A command of either command line: the library's (cli.py) or the research diagnostics'."""
+    return (RC.main if argv and argv[0] in RESEARCH else cli.main)(argv)
+
+
+def parse(argv):
+    return cli.parse_args(argv, [RC.add_commands], default=None) if argv and argv[0] in RESEARCH else cli.parse_args(argv)
+
+
 def tiny_dataset(n_items=40, rows=(300, 40, 40), seed=0) -> data.Dataset:
     g = np.random.default_rng(seed)
     splits = []
@@ -75,11 +93,11 @@ def write_official(folder, titles_fmt, rows, n_items):
 
 def student(kind, n_items, **kw):
     """A student sized as Config says (the one source of the defaults); kind: a class, or a name
-    of S.CHOICES (made by S.make_student, with Config's alpha where it carries the DRO term)."""
+    of S.CHOICES (made by S.make_student: its backbone)."""
     cfg = D.Config()
     base = {"dim": cfg.dim, "dropout": cfg.dropout, "max_len": data.MAX_HISTORY, "ed_weight": cfg.ed_weight}
     if isinstance(kind, str):
-        return S.make_student(kind, n_items, **{"target_counts": torch.zeros(n_items), "alpha": cfg.alpha, **base, **kw})
+        return S.make_student(kind, n_items, **{**base, **kw})
     return kind(n_items, **{**base, **kw})
 
 
@@ -526,10 +544,10 @@ def test_dro_loss_and_gradient_equal_direct_formula():
     torch.manual_seed(0)
     B, n = 5, 40
     y = (torch.randn(B, n, dtype=torch.float64) * 3).requires_grad_()
-    ps = S.dro_ps(torch.randint(0, 9, (n,))).double()
+    ps = D.dro_ps(torch.randint(0, 9, (n,))).double()
     targets = torch.randint(0, n, (B, 4))
     targets[0, 0] = (ps * y[0].detach() ** 2).argmax()        # a target that is the row's argmax
-    fast, slow = S.dro_loss(y, targets, ps, 2.0), direct_dro(y, targets, ps, 2.0)
+    fast, slow = D.dro_loss(y, targets, ps, 2.0), direct_dro(y, targets, ps, 2.0)
     assert torch.allclose(fast, slow, atol=1e-12)
     w = torch.randn(B, 4, dtype=torch.float64)
     g_fast, = torch.autograd.grad((fast * w).sum(), y)
@@ -543,13 +561,13 @@ def test_dro_loss_stable_for_large_scores_in_float32():
     y[:, 7] = 40.0                                           # exp(ps * 1600) overflows
     ps = torch.full((50,), 0.6, dtype=torch.float64)
     targets = torch.tensor([[7, 1], [2, 7], [7, 7]])
-    fast = S.dro_loss(y.float(), targets, ps.float(), 1.0)
+    fast = D.dro_loss(y.float(), targets, ps.float(), 1.0)
     assert torch.isfinite(fast).all()
     assert torch.allclose(fast.double(), direct_dro(y, targets, ps), rtol=1e-5)
 
 
 def test_dro_ps():
-    ps = S.dro_ps(torch.tensor([0, 1, 2]))
+    ps = D.dro_ps(torch.tensor([0, 1, 2]))
     assert torch.allclose(ps, torch.tensor([1 / 6, 2 / 6, 3 / 6]) ** 0.05)
 
 
@@ -659,15 +677,16 @@ def test_training_loss_composes_the_terms_of_spec(name, distilled):
     target = torch.randint(0, n, (B,), generator=torch.Generator().manual_seed(5))
     t_ids = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))[:K] for i in range(B)])
     t_dist = 20 + torch.rand(B, K, generator=torch.Generator().manual_seed(6)).sort(1).values
-    model = student(name, n, target_counts=torch.randint(0, 5, (n,)), alpha=0.5).eval()     # eval: no dropout
-    cfg = D.Config(student=name, distilled=distilled)
+    cfg = D.Config(student=name, distilled=distilled, alpha=0.5)
+    counts = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(8))
+    model = D.build_student(cfg, n, torch.repeat_interleave(torch.arange(n), counts), None).eval()  # eval: no dropout
     torch.manual_seed(7)
     loss = D.training_loss(model, cfg, hist, lens, target, *((t_ids, t_dist) if distilled else ()))
     torch.manual_seed(7)
     neg = D.sample_negatives(hist, target, n, static=False)
     with torch.no_grad():
         y = model.score_all(model(hist, lens)).double()
-    ps = model.ps.double()
+    ps = ((counts + 1) / (counts + 1).sum()).double() ** 0.05
     # BCE with ONE mean over the 2B logits, as the official nn.BCEWithLogitsLoss on cat(pos, neg)
     base = torch.nn.functional.binary_cross_entropy_with_logits(
         torch.cat([y.gather(1, target[:, None]), y.gather(1, neg[:, None])]), torch.cat([torch.ones(B, 1), torch.zeros(B, 1)]).double())
@@ -676,11 +695,12 @@ def test_training_loss_composes_the_terms_of_spec(name, distilled):
         want += slow_distill(y.gather(1, t_ids).numpy(), y.gather(1, neg[:, None])[:, 0].numpy(), t_dist.double().numpy(),
                              t_ids, y.topk(K, dim=1).indices, 0.7, cfg.gammas, direct_dro(y, t_ids, ps).numpy(), 0.5)
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
-    plain = student(S.parse_student(name)[0], n, alpha=0.5)
-    assert plain.dro_alpha == 0 and model.dro_alpha == 0.5       # the name, not alpha, turns the term on
+    plain = D.Config(student=S.parse_student(name)[0], alpha=0.5)
+    assert cfg.with_dro and not plain.with_dro                   # the name, not alpha, turns the term on
+    assert not hasattr(D.build_student(plain, n, torch.arange(n), None), "ps")
 
 
-# ============================================================================ training, evaluation, results, commands (dllm2rec.py, diagnostics.py)
+# ============================================================================ training, evaluation, results, commands (dllm2rec.py, runs.py, results.py, cli.py, research/)
 def test_metrics_equal_hand_computed_ranks():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.3, 0.2, 0.0],    # target 2: rank 1 (0-based)
                            [0.5, 0.5, 0.5, 0.1, 0.0, 0.2],    # target 0, tied with two: rank 2
@@ -689,10 +709,10 @@ def test_metrics_equal_hand_computed_ranks():
     hist = torch.tensor([[0] + [6] * 9, [1] + [6] * 9, [2] + [6] * 9, [3] + [6] * 9])
     ranks = D.target_ranks(FixedScores(scores), hist, torch.ones(4, dtype=torch.long), torch.tensor([2, 0, 0, 5]), batch_size=3)
     assert ranks.tolist() == [1, 2, 0, 5]
-    m = D.metrics_from_ranks(ranks, ks=(1, 3, 5))
+    m = metrics.metrics_from_ranks(ranks, ks=(1, 3, 5))
     assert m["HR@1"] == 0.25 and m["HR@3"] == 0.75 and m["HR@5"] == 0.75
     assert m["NDCG@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4) + 1) / 4)
-    assert D.metrics_from_ranks(torch.tensor([0, 19, 20]))["NDCG@20"] == pytest.approx((1 + 1 / math.log2(21)) / 3)
+    assert metrics.metrics_from_ranks(torch.tensor([0, 19, 20]))["NDCG@20"] == pytest.approx((1 + 1 / math.log2(21)) / 3)
 
 
 def test_popularity_floor_equals_hand_computed_ranks():
@@ -703,13 +723,13 @@ def test_popularity_floor_equals_hand_computed_ranks():
     # counts 1, 0, 3, 0, 2: item 2 ranks 0, item 4 ranks 1, item 0 ranks 2, item 1 ties with 3: rank 4
     want = [1 / math.log2(2), 1 / math.log2(3), 1 / math.log2(4), 1 / math.log2(6)]
     assert m["HR@5"] == 1.0 and m["HR@20"] == 1.0 and m["NDCG@20"] == pytest.approx(sum(want) / 4)
-    assert m["HR@10"] == 1.0 and D.metrics_from_ranks(torch.tensor([0, 1, 2, 4]), ks=(1,))["HR@1"] == 0.25
+    assert m["HR@10"] == 1.0 and metrics.metrics_from_ranks(torch.tensor([0, 1, 2, 4]), ks=(1,))["HR@1"] == 0.25
 
 
 def test_a_nan_score_is_never_a_hit_and_a_diverged_model_fails():
     scores = torch.tensor([[0.1, float("nan"), 0.3], [float("nan")] * 3])
     assert D.ranks_of(scores, torch.tensor([1, 0])).tolist() == [2, 2]       # last of 3 items: no hit at k < 3
-    model = S.make_student("sasrec", 10, target_counts=torch.ones(10), alpha=0.0, dim=8, dropout=0.0, max_len=10)
+    model = S.make_student("sasrec", 10, dim=8, dropout=0.0, max_len=10)
     with torch.no_grad():
         model.out.weight.fill_(float("nan"))
     hist = torch.full((4, 10), 10)
@@ -719,38 +739,38 @@ def test_a_nan_score_is_never_a_hit_and_a_diverged_model_fails():
 
 
 def test_a_gain_is_a_gain_only_beyond_twice_the_combined_std():
-    assert D.verdict(0.050, 0.001, 0.040, 0.002, 3) == "gain"          # 0.010 > 2 * 0.00224
-    assert D.verdict(0.043, 0.001, 0.040, 0.002, 3) == "within noise"  # 0.003 < 0.00447
-    assert D.verdict(0.030, 0.001, 0.040, 0.002, 3) == "loss"
-    assert D.verdict(0.050, 0.0, 0.040, 0.0, 1) == "1 seed: no noise estimate"
+    assert R.verdict(0.050, 0.001, 0.040, 0.002, 3) == "gain"          # 0.010 > 2 * 0.00224
+    assert R.verdict(0.043, 0.001, 0.040, 0.002, 3) == "within noise"  # 0.003 < 0.00447
+    assert R.verdict(0.030, 0.001, 0.040, 0.002, 3) == "loss"
+    assert R.verdict(0.050, 0.0, 0.040, 0.0, 1) == "1 seed: no noise estimate"
 
 
 def test_a_gain_needs_the_paired_test_to_agree_with_the_seeds():
-    assert D.verdict(0.050, 0.001, 0.040, 0.002, 3, p=0.01) == "gain"
-    assert D.verdict(0.050, 0.001, 0.040, 0.002, 3, p=0.20) == "within noise"   # beyond the seeds, p says no
-    assert D.verdict(0.043, 0.001, 0.040, 0.002, 3, p=1e-9) == "within noise"   # p says yes, the seeds say no
-    assert D.verdict(0.030, 0.001, 0.040, 0.002, 3, p=0.01) == "loss"
+    assert R.verdict(0.050, 0.001, 0.040, 0.002, 3, p=0.01) == "gain"
+    assert R.verdict(0.050, 0.001, 0.040, 0.002, 3, p=0.20) == "within noise"   # beyond the seeds, p says no
+    assert R.verdict(0.043, 0.001, 0.040, 0.002, 3, p=1e-9) == "within noise"   # p says yes, the seeds say no
+    assert R.verdict(0.030, 0.001, 0.040, 0.002, 3, p=0.01) == "loss"
 
 
 def test_signed_rank_test_against_a_hand_computation():
     # d = .5 -.2 .2 0 1 .3 -.1: the 0 is dropped, m = 6; |d| ranked .1:1 .2,.2:2.5,2.5 .3:4 .5:5 1:6
     # W+ = 5 + 2.5 + 6 + 4 = 17.5; mean m(m+1)/4 = 10.5; var 6*7*13/24 - (2^3 - 2)/48 = 22.75 - 0.125
-    t = D.signed_rank_test([0.5, -0.2, 0.2, 0.0, 1.0, 0.3, -0.1])
+    t = R.signed_rank_test([0.5, -0.2, 0.2, 0.0, 1.0, 0.3, -0.1])
     z = 7 / math.sqrt(22.625)                                   # 1.4717
     assert (t["rows"], t["W+"]) == (6, 17.5) and t["z"] == pytest.approx(z)
     assert t["p"] == pytest.approx(0.1411, abs=5e-4)           # 2 (1 - Phi(1.4717)), from a normal table
     # the other direction: the same |z|, the same p; no difference at all: p = 1
-    assert D.signed_rank_test([-0.5, 0.2, -0.2, 0.0, -1.0, -0.3, 0.1])["z"] == pytest.approx(-z)
-    assert D.signed_rank_test(np.zeros(5))["p"] == 1.0
+    assert R.signed_rank_test([-0.5, 0.2, -0.2, 0.0, -1.0, -0.3, 0.1])["z"] == pytest.approx(-z)
+    assert R.signed_rank_test(np.zeros(5))["p"] == 1.0
     # differences equal up to float rounding tie (per-row NDCG differences are computed in floats)
     assert 0.3 - 0.1 != 0.2
-    assert D.signed_rank_test([0.3 - 0.1, 0.2, -0.5])["W+"] == 1.5 + 1.5
+    assert R.signed_rank_test([0.3 - 0.1, 0.2, -0.5])["W+"] == 1.5 + 1.5
 
 
 def test_signed_rank_test_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     d = np.random.default_rng(0).choice([-0.5, -0.2, 0.0, 0.0, 0.1, 0.2, 0.3, 1.0], 500)
-    ours = D.signed_rank_test(d)
+    ours = R.signed_rank_test(d)
     theirs = stats.wilcoxon(d, zero_method="wilcox", correction=False, method="approx")
     assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-9)
     assert min(ours["W+"], ours["rows"] * (ours["rows"] + 1) / 2 - ours["W+"]) == pytest.approx(theirs.statistic)
@@ -758,7 +778,7 @@ def test_signed_rank_test_matches_scipy():
 
 def fake_run(student, variant, seed, ranks):
     ranks = np.asarray(ranks)
-    m = D.metrics_from_ranks(torch.as_tensor(ranks))
+    m = metrics.metrics_from_ranks(torch.as_tensor(ranks))
     return {"config": {"student": student}, "variant": variant, "seed": seed, "selected_epoch": 1,
             "converged": True, "test": m, "test_ranks": ranks.tolist()}
 
@@ -770,18 +790,18 @@ def test_summarise_pairs_each_variant_with_its_reference_over_seed_averaged_rows
     runs = ([fake_run("sasrec", "base", i, r) for i, r in enumerate(base)] +
             [fake_run("sasrec", "dllm2rec", i, r) for i, r in enumerate(better)] +
             [fake_run("sasrec", "dllm2rec-no_wp", i, r) for i, r in enumerate(better)])
-    lines = {l["variant"]: l for l in D.summarise(runs, {"dllm2rec": "base", "dllm2rec-no_wp": "dllm2rec"})}
+    lines = {l["variant"]: l for l in R.summarise(runs, {"dllm2rec": "base", "dllm2rec-no_wp": "dllm2rec"})}
     full = lines["dllm2rec"]
-    want = D.signed_rank_test(np.mean([D.ndcg_per_row(r) for r in better], 0) - np.mean([D.ndcg_per_row(r) for r in base], 0))
+    want = R.signed_rank_test(np.mean([metrics.ndcg_per_row(r) for r in better], 0) - np.mean([metrics.ndcg_per_row(r) for r in base], 0))
     assert full["against"] == "base" and full["paired"] == want and full["paired"]["p"] < 1e-6
     assert lines["dllm2rec-no_wp"]["against"] == "dllm2rec" and lines["dllm2rec-no_wp"]["paired"]["p"] == 1.0
     assert lines["dllm2rec-no_wp"]["verdict"] == "within noise" and lines["base"]["against"] is None
-    assert D.ndcg_per_row(base[0]).mean() == pytest.approx(runs[0]["test"]["NDCG@20"])
-    assert "paired p" in D.format_table(list(lines.values()))
+    assert metrics.ndcg_per_row(base[0]).mean() == pytest.approx(runs[0]["test"]["NDCG@20"])
+    assert "paired p" in R.format_table(list(lines.values()))
 
 
 def test_ranking_share_is_lam_times_coverage():
-    line = D.ranking_share(512, 72_456, D.Config())
+    line = cli.ranking_share(512, 72_456, D.Config())
     assert "512 of 72456" in line and "coverage 0.7%" in line and "about 1.8 covered rows in a 256-row batch" in line
     assert "0.7 x 0.0071 = 0.0049" in line
 
@@ -807,6 +827,48 @@ def test_official_protocol_selects_on_test_with_dropout_on_and_samples_batches()
     assert torch.equal(D.target_ranks(m, hist, lens, target), D.target_ranks(m, hist, lens, target))
 
 
+# Two epochs of every student, undistilled and distilled, from one seed on tiny_dataset with
+# random_teacher (1 thread, the eager step), as the code computed them before the method was
+# moved under the commands: (epoch losses, val NDCG@20, test NDCG@20, test HR@20, sum of test ranks).
+PINNED = {
+    "gru4rec base": ([0.6943741353352865, 0.6941047159830729], 0.18421822214793504, 0.14400036994847212, 0.425, 876),
+    "gru4rec dllm2rec": ([1.6580492146809895, 1.646732889811198], 0.14322799890905138, 0.22349853455205845, 0.525, 728),
+    "sasrec base": ([0.7517921956380208, 0.7306868489583334], 0.14126145595283296, 0.21649296948584076, 0.575, 741),
+    "sasrec dllm2rec": ([1.7123614501953126, 1.67388427734375], 0.19287216514117086, 0.16907155060561269, 0.525, 748),
+    "cl4srec base": ([3.8105810546875, 2.894019775390625], 0.1702638698682265, 0.16485494012131763, 0.475, 786),
+    "cl4srec dllm2rec": ([4.4985868326822915, 3.9229500325520834], 0.21264686735618268, 0.15651457947749184, 0.475, 768),
+    "dros base": ([2.7788053385416664, 2.68453857421875], 0.14108343096499293, 0.20227731531949686, 0.5, 730),
+    "dros dllm2rec": ([5.123010660807291, 4.979490966796875], 0.21306256177393462, 0.1820362549699841, 0.525, 751),
+    "caser base": ([0.6921332804361979, 0.690464833577474], 0.15182783276054249, 0.17893589433492554, 0.55, 769),
+    "caser dllm2rec": ([1.667029825846354, 1.6547855631510417], 0.13658865042697652, 0.19789752399388189, 0.525, 679),
+    "gru4rec+dro base": ([2.557899983723958, 2.5564697265625], 0.18405840846897464, 0.14785490715659835, 0.425, 872),
+    "gru4rec+dro dllm2rec": ([4.825777994791666, 4.814497884114584], 0.14313976018988012, 0.21033366310991877, 0.525, 720),
+    "cl4srec+dro base": ([5.86087890625, 4.900745849609375], 0.16822854341098648, 0.18974214848637377, 0.55, 755),
+    "cl4srec+dro dllm2rec": ([7.93021484375, 7.279083658854167], 0.21752174707395203, 0.17391047806612442, 0.525, 766),
+    "caser+dro base": ([2.5547611490885416, 2.5525203450520833], 0.15785002533281828, 0.17566637890646225, 0.55, 774),
+    "caser+dro dllm2rec": ([4.836758626302084, 4.823167724609375], 0.14570082879768737, 0.20463439563017854, 0.6, 690),
+}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_training_is_pinned_to_the_numbers_it_gave_before_the_move(name):
+    """The move of the method under the commands changed no number: each student's losses and
+    metrics of two epochs equal the pinned ones (to float rounding of the metrics' means)."""
+    student, variant = name.split()
+    ds = tiny_dataset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = D.fit(ds, D.Config(student=student, distilled=variant == "dllm2rec", epochs=2, batch_size=64, seed=3),
+                  random_teacher(ds), "cpu", log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    losses, val, test, hr, rank_sum = PINNED[name]
+    assert [e["loss"] for e in r["epochs"]] == pytest.approx(losses, rel=1e-6)
+    assert (r["val"]["NDCG@20"], r["test"]["NDCG@20"]) == pytest.approx((val, test), rel=1e-9)
+    assert r["test"]["HR@20"] == hr and sum(r["test_ranks"]) == rank_sum
+
+
 def test_a_seed_reproduces_the_same_run():
     ds = tiny_dataset()
     t = random_teacher(ds)
@@ -825,7 +887,7 @@ def run_steps(student, mode, device, steps=3, backend="inductor"):
     torch.manual_seed(0)
     model = D.build_student(cfg, ds.n_items, torch.as_tensor(ds.train.target), torch.as_tensor(t.item_emb)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True, capturable=mode == "captured")
-    step = D.Step(D.training_loss, model, opt, cfg, mode, static=True, warmup=1, backend=backend)
+    step = ST.Step(D.training_loss, model, opt, cfg, mode, static=True, warmup=1, backend=backend)
     ids, dist, covered = (torch.as_tensor(a, device=device) for a in C.per_training_row(t, len(ds.train), cfg.K))
     train = D.to_tensors(ds.train, device)
     torch.manual_seed(5)
@@ -892,15 +954,15 @@ def test_end_to_end_a_planted_teacher_helps_and_a_random_one_still_trains(ml100k
 
 def test_synthetic_teacher_has_the_quality_it_is_built_with():
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
-    counts = C.transition_counts(ds)
+    counts = SY.transition_counts(ds)
     assert counts.sum() == 520                       # every row of every split, held-out rows included
     last = ds.train.hist[np.arange(400), ds.train.lens - 1]
     pop = np.bincount(ds.train.target, minlength=30) / 400
-    good = C.synthetic_teacher(ds, 1.0, counts, top_n=10)
+    good = SY.synthetic_teacher(ds, 1.0, counts, top_n=10)
     assert (good.splits["train"].ids[:, 0] == np.argmax(counts[last] + pop, axis=1)).all()
     assert (np.diff(good.splits["train"].dist, axis=1) >= 0).all()   # nearest first
     hit = lambda t: np.mean([ds.train.target[r] in t.splits["train"].ids[r] for r in range(400)])
-    bad = C.synthetic_teacher(ds, 0.0, counts, top_n=10)
+    bad = SY.synthetic_teacher(ds, 0.0, counts, top_n=10)
     assert hit(good) > 0.75 and hit(bad) < 0.45      # random: 10 of 30 items hold the target a third of the time
 
 
@@ -908,7 +970,7 @@ def test_synthetic_teacher_gives_rows_with_an_empty_history_the_most_popular_ite
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
     empty = np.arange(0, 400, 7)                     # all padding, len_seq 0, as LLaRA's LastFM rows read
     ds.train.hist[empty], ds.train.lens[empty] = ds.n_items, 0
-    t = C.synthetic_teacher(ds, 1.0, C.transition_counts(ds), top_n=5)
+    t = SY.synthetic_teacher(ds, 1.0, SY.transition_counts(ds), top_n=5)
     popular = np.argsort(-np.bincount(ds.train.target, minlength=30), kind="stable")[:5]
     assert (t.splits["train"].ids[empty] == popular).all() and len(t.splits["train"].rows) == 400
 
@@ -917,64 +979,64 @@ def test_mechanism_command_runs_on_rows_with_an_empty_history(monkeypatch, capsy
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
     for split in (ds.train, ds.val, ds.test):
         split.hist[::5], split.lens[::5] = ds.n_items, 0
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
-    out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "--batch-size", "64"])
-    assert len(out["teachers"]["1.00"]["cells"]) == len(diagnostics.MECHANISM_VARIANTS)
-    few = D.main(["mechanism", "--epochs", "1", "--qualities", "mixed", "--variants", "full,uniform", "--batch-size", "64"])
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    out = main(["mechanism", "--epochs", "1", "--qualities", "1", "--batch-size", "64"])
+    assert len(out["teachers"]["1.00"]["cells"]) == len(MECH.VARIANTS)
+    few = main(["mechanism", "--epochs", "1", "--qualities", "mixed", "--variants", "full,uniform", "--batch-size", "64"])
     assert set(few["teachers"]["mixed"]["cells"]) == {"full DLLM2Rec", "uniform w_r"} and "full_vs_uniform" in few["teachers"]["mixed"]
 
 
 def test_mechanism_command_prints_a_row_per_teacher_with_the_paired_test(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
-    out = D.main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "mixed", "--batch-size", "64",
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    out = main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "mixed", "--batch-size", "64",
                   "--out", str(tmp_path / "m.json")])
     assert set(out["teachers"]) == {"1.00", "0.00", "mixed"} and out["seeds"] == 2
-    assert len(out["runs"]) == 2 * (1 + 3 * len(diagnostics.MECHANISM_VARIANTS))
+    assert len(out["runs"]) == 2 * (1 + 3 * len(MECH.VARIANTS))
     for row in out["teachers"].values():
         assert all(c["against"] == "base" and c["paired"] is not None for c in row["cells"].values())
         assert 0 <= row["full_vs_uniform"]["paired"]["p"] <= 1
     text = capsys.readouterr().out
-    assert "DIAGNOSTIC" in text and "   mixed " in text and "[run 26/26" in text and (tmp_path / "m.json").exists()
+    assert "DIAGNOSTIC" in text and any(line.startswith("mixed ") for line in text.splitlines()) and "[run 26/26" in text and (tmp_path / "m.json").exists()
     assert "short of convergence" in text and "*: a seed stopped at the epoch cap (1), not converged" in text
     assert all(f"{c['NDCG@20']:.4f}* " in text for row in out["teachers"].values() for c in row["cells"].values())
     seen = []
     def first_fit(ds, cfg, *a, **k):
         seen.append(cfg)
         raise RuntimeError("stop after the first configuration")
-    monkeypatch.setattr(D, "fit", first_fit)
+    monkeypatch.setattr(runs, "fit", first_fit)
     for argv, epochs in ((["--converged"], D.Config.epochs), (["--converged", "--epochs", "300"], 300)):
         with pytest.raises(SystemExit, match="stop after"):
-            D.main(["mechanism", *argv])
+            main(["mechanism", *argv])
         assert (seen[-1].epochs, seen[-1].patience) == (epochs, D.Config.patience)
     assert "short of convergence" not in capsys.readouterr().out
 
 
 def test_mixed_teacher_is_the_oracle_on_half_the_rows_and_random_on_the_rest():
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
-    counts = C.transition_counts(ds)
-    mixed, good, bad = C.mixed_teacher(ds, counts), C.synthetic_teacher(ds, 1.0, counts), C.synthetic_teacher(ds, 0.0, counts, seed=1)
+    counts = SY.transition_counts(ds)
+    mixed, good, bad = SY.mixed_teacher(ds, counts), SY.synthetic_teacher(ds, 1.0, counts), SY.synthetic_teacher(ds, 0.0, counts, seed=1)
     same_good = (mixed.splits["train"].ids == good.splits["train"].ids).all(1)
     same_bad = (mixed.splits["train"].ids == bad.splits["train"].ids).all(1)
     assert same_good.sum() == 200 and (same_good | same_bad).all() and mixed.manifest["oracle_rows"] == 200
 
 
 def test_plot_is_refused_in_one_line_without_matplotlib(monkeypatch, tmp_path):
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: tiny_dataset())
-    monkeypatch.setattr(D, "fit", lambda *a, **k: pytest.fail("trained before the check"))
-    monkeypatch.setattr(diagnostics.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: tiny_dataset())
+    monkeypatch.setattr(runs, "fit", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(research.plots.importlib.util, "find_spec", lambda name: None)
     for command in ("mechanism", "ablation"):
         with pytest.raises(SystemExit, match=r"--plot m.png: needs matplotlib \(pip install matplotlib\)"):
-            D.main([command, "--plot", "m.png"])
+            main([command, "--plot", "m.png"])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib (optional)")
 def test_mechanism_and_ablation_write_their_pictures(tmp_path, monkeypatch):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
-    D.main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "mixed", "--seeds", "2", "--batch-size", "64",
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    main(["mechanism", "--epochs", "1", "--qualities", "1", "0", "mixed", "--seeds", "2", "--batch-size", "64",
             "--plot", str(tmp_path / "m.png")])
-    D.main(["ablation", "--epochs", "1", "--qualities", "0", "--seeds", "2", "--batch-size", "64", "--students", "sasrec",
+    main(["ablation", "--epochs", "1", "--qualities", "0", "--seeds", "2", "--batch-size", "64", "--students", "sasrec",
             "--tables", "ablations", "--plot", str(tmp_path / "a.png")])
     for name in ("m.png", "a-q0.0.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -982,12 +1044,12 @@ def test_mechanism_and_ablation_write_their_pictures(tmp_path, monkeypatch):
 
 def test_ablation_command_compares_each_ablation_with_full_and_full_with_base(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
-    out = D.main(["ablation", "--epochs", "1", "--qualities", "0.5", "--seeds", "2", "--batch-size", "64",
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    out = main(["ablation", "--epochs", "1", "--qualities", "0.5", "--seeds", "2", "--batch-size", "64",
                   "--students", "sasrec,dros", "--out", str(tmp_path / "a.json")])
     lines = {(l["student"], l["variant"]): l for l in out["0.5"]["summary"]}
     for student in ("sasrec", "dros"):
-        switches = diagnostics.OFFICIAL_SWITCHES["dro" if S.parse_student(student)[1] else "plain"]
+        switches = ABL.OFFICIAL_SWITCHES["dro" if S.parse_student(student)[1] else "plain"]
         assert lines[student, "dllm2rec"]["against"] == "base"
         assert all(lines[student, f"dllm2rec-{a}"]["against"] == "dllm2rec" for a in D.ABLATIONS)
         assert all(lines[student, "dllm2rec --" + s.replace("_", "-")]["against"] == "dllm2rec" for s in switches)
@@ -1002,62 +1064,62 @@ def test_ablation_command_compares_each_ablation_with_full_and_full_with_base(tm
 
 def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     argv = ["ablation", "--epochs", "1", "--qualities", "0", "--seeds", "2", "--batch-size", "64", "--students", "sasrec",
             "--tables", "ablations"]
-    whole = D.main(argv)["0.0"]
-    parts = [D.main(argv + ["--shard", f"{i}/2", "--out", str(tmp_path / f"{i}.json")])["0.0"]["runs"] for i in (0, 1)]
+    whole = main(argv)["0.0"]
+    parts = [main(argv + ["--shard", f"{i}/2", "--out", str(tmp_path / f"{i}.json")])["0.0"]["runs"] for i in (0, 1)]
     assert "shard 1/2: wrote" in capsys.readouterr().out
     key = lambda r: (r["variant"], r["seed"])
     assert [len(p) for p in parts] == [9, 9] and not {*map(key, parts[0])} & {*map(key, parts[1])}
     assert {*map(key, parts[0] + parts[1])} == {*map(key, whole["runs"])}
     trained = []
     real_fit = D.fit
-    monkeypatch.setattr(D, "fit", lambda ds, cfg, *a, **k: trained.append(cfg) or real_fit(ds, cfg, *a, **k))
-    merged = D.main(argv + ["--reuse", str(tmp_path / "0.json"), str(tmp_path / "1.json")])["0.0"]
+    monkeypatch.setattr(runs, "fit", lambda ds, cfg, *a, **k: trained.append(cfg) or real_fit(ds, cfg, *a, **k))
+    merged = main(argv + ["--reuse", str(tmp_path / "0.json"), str(tmp_path / "1.json")])["0.0"]
     assert trained == [] and "taken from" in capsys.readouterr().out
     assert merged["summary"] == whole["summary"]
     # another setting (even one the base ignores) is trained again; another teacher: all but the base
-    D.main(argv + ["--lam", "0.5", "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "x.json")])
+    main(argv + ["--lam", "0.5", "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "x.json")])
     assert len(trained) == 9
     trained.clear()
-    D.main([*argv[:4], "0.5", *argv[5:], "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "y.json")])
+    main([*argv[:4], "0.5", *argv[5:], "--reuse", str(tmp_path / "0.json"), "--shard", "0/2", "--out", str(tmp_path / "y.json")])
     assert len(trained) == 9 - sum(r["variant"] == "base" for r in parts[0])
     # runs of the captured (CUDA) step are other runs: an eager command trains them again
     res = json.loads((tmp_path / "0.json").read_text())
     (tmp_path / "cuda.json").write_text(json.dumps({**res, "runs": [{**r, "captured_step": True} for r in res["runs"]]}))
     trained.clear()
-    D.main(argv + ["--reuse", str(tmp_path / "cuda.json"), "--shard", "0/2", "--out", str(tmp_path / "z.json")])
+    main(argv + ["--reuse", str(tmp_path / "cuda.json"), "--shard", "0/2", "--out", str(tmp_path / "z.json")])
     assert len(trained) == 9
     # the mechanism check splits and merges the same way
     m = ["mechanism", "--epochs", "1", "--qualities", "1", "--variants", "full,uniform", "--batch-size", "64"]
     for i in (0, 1):
-        D.main(m + ["--shard", f"{i}/2", "--out", str(tmp_path / f"m{i}.json")])
+        main(m + ["--shard", f"{i}/2", "--out", str(tmp_path / f"m{i}.json")])
     trained.clear()
-    out = D.main(m + ["--reuse", str(tmp_path / "m0.json"), str(tmp_path / "m1.json")])
+    out = main(m + ["--reuse", str(tmp_path / "m0.json"), str(tmp_path / "m1.json")])
     assert trained == [] and "full_vs_uniform" in out["teachers"]["1.00"]
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--reuse .*empty.json: no runs on tiny"):
-        D.main(m + ["--reuse", str(tmp_path / "empty.json")])
+        main(m + ["--reuse", str(tmp_path / "empty.json")])
 
 
 def test_a_run_that_stopped_on_patience_is_reused_under_a_larger_cap_only(tmp_path, monkeypatch):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     m = ["mechanism", "--qualities", "1", "--variants", "full", "--seeds", "1", "--batch-size", "64", "--patience", "1"]
-    runs = D.main(m + ["--epochs", "30", "--out", str(tmp_path / "stopped.json")])["runs"]
-    assert all(r["converged"] and len(r["epochs"]) < 30 for r in runs) and len(runs) == 2
-    capped = D.main(m + ["--epochs", "1", "--out", str(tmp_path / "capped.json")])["runs"]
+    done = main(m + ["--epochs", "30", "--out", str(tmp_path / "stopped.json")])["runs"]
+    assert all(r["converged"] and len(r["epochs"]) < 30 for r in done) and len(done) == 2
+    capped = main(m + ["--epochs", "1", "--out", str(tmp_path / "capped.json")])["runs"]
     assert not any(r["converged"] for r in capped)
     trained, real_fit = [], D.fit
-    monkeypatch.setattr(D, "fit", lambda ds, cfg, *a, **k: trained.append(cfg.epochs) or real_fit(ds, cfg, *a, **k))
-    longest = max(len(r["epochs"]) for r in runs)
-    again = D.main(m + ["--epochs", str(longest), "--reuse", str(tmp_path / "stopped.json")])["runs"]
-    assert trained == [] and [r["test_ranks"] for r in again] == [r["test_ranks"] for r in runs]
-    D.main(m + ["--epochs", str(longest - 1), "--reuse", str(tmp_path / "stopped.json")])   # it would stop sooner
-    assert trained == [longest - 1] * sum(len(r["epochs"]) == longest for r in runs)
+    monkeypatch.setattr(runs, "fit", lambda ds, cfg, *a, **k: trained.append(cfg.epochs) or real_fit(ds, cfg, *a, **k))
+    longest = max(len(r["epochs"]) for r in done)
+    again = main(m + ["--epochs", str(longest), "--reuse", str(tmp_path / "stopped.json")])["runs"]
+    assert trained == [] and [r["test_ranks"] for r in again] == [r["test_ranks"] for r in done]
+    main(m + ["--epochs", str(longest - 1), "--reuse", str(tmp_path / "stopped.json")])   # it would stop sooner
+    assert trained == [longest - 1] * sum(len(r["epochs"]) == longest for r in done)
     trained.clear()
-    D.main(m + ["--epochs", "30", "--reuse", str(tmp_path / "capped.json")])              # capped: not the same run
+    main(m + ["--epochs", "30", "--reuse", str(tmp_path / "capped.json")])              # capped: not the same run
     assert trained == [30, 30]
 
 
@@ -1066,20 +1128,20 @@ def test_cli_writes_results_and_reports_bad_teacher(tmp_path, capsys):
     g = np.random.default_rng(0)
     write_official(ds_dir, "llara", [(g.integers(0, 30, 4).tolist() + [30] * 6, 4, int(g.integers(30))) for _ in range(60)], 30)
     out = tmp_path / "r.json"
-    D.main(["train", "--dataset", str(ds_dir), "--students", "sasrec", "--epochs", "2", "--seeds", "2", "--out", str(out)])
+    main(["train", "--dataset", str(ds_dir), "--students", "sasrec", "--epochs", "2", "--seeds", "2", "--out", str(out)])
     res = json.loads(out.read_text())
     assert [r["seed"] for r in res["runs"]] == [0, 1] and res["summary"][0]["seeds"] == 2
     assert "HR@20" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="error: .*nowhere: neither a teacher cache"):
-        D.main(["train", "--dataset", str(ds_dir), "--teacher", str(tmp_path / "nowhere")])
+        main(["train", "--dataset", str(ds_dir), "--teacher", str(tmp_path / "nowhere")])
 
 
 def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_path, monkeypatch):
     ds = tiny_dataset()
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     planted_eval_cache(tmp_path / "a", ds, rank=0, hits=5)
     planted_eval_cache(tmp_path / "b", ds, rank=2, hits=10)
-    table = D.main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "b"), "--students", "sasrec",
+    table = main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "b"), "--students", "sasrec",
                     "--epochs", "1", "--out", str(tmp_path / "r.json")])
     a, b = table["teacher 1"]["val"], table["teacher 2"]["test"]
     assert (a["rows"], a["HR@20"], a["NDCG@20"], a["title_match"]) == (20, 0.25, 0.25, 0.5)
@@ -1088,7 +1150,7 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
     assert set(table[student]) == {"val", "test"} and 0 <= table[student]["test"]["HR@20"] <= 1
     planted_eval_cache(tmp_path / "c", ds, rank=0, hits=5, rows=np.arange(1, 21))
     with pytest.raises(SystemExit, match="c: covers other val rows"):
-        D.main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "c"), "--epochs", "1"])
+        main(["compare-teachers", str(tmp_path / "a"), str(tmp_path / "c"), "--epochs", "1"])
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1111,9 +1173,9 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: pytest.fail("data loaded before the options were checked"))
+    monkeypatch.setattr(data, "load_dataset", lambda *a: pytest.fail("data loaded before the options were checked"))
     with pytest.raises(SystemExit) as e:
-        D.main(argv + ["--dataset", "x"])
+        main(argv + ["--dataset", "x"])
     text = str(e.value.code) + capsys.readouterr().err
     assert message in text and "Traceback" not in text and len(str(e.value.code or "x").splitlines()) <= 1
     assert list(tmp_path.iterdir()) == []                                      # nothing written
@@ -1121,18 +1183,18 @@ def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_
 
 def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
     ds = tiny_dataset()
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
-            D.main(["train", "--device", "cuda"])
+            main(["train", "--device", "cuda"])
     (tmp_path / "file").write_text("")
     unwritable = [Path("/proc/dllm2rec/r.json")] if Path("/proc/self").exists() else []   # even for root
     for out in (tmp_path, tmp_path / "file" / "r.json", *unwritable):         # a folder; under a file
         with pytest.raises(SystemExit, match="--out .*: (is a folder|cannot write there)"):
-            D.main(["train", "--epochs", "1", "--out", str(out)])
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: open(tmp_path / "missing" / "u.data"))
+            main(["train", "--epochs", "1", "--out", str(out)])
+    monkeypatch.setattr(data, "load_dataset", lambda *a: open(tmp_path / "missing" / "u.data"))
     with pytest.raises(SystemExit, match=r"error: .*missing/u.data: FileNotFoundError.*\(-v shows the traceback\)"):
-        D.main(["train"])
+        main(["train"])
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -1150,14 +1212,14 @@ def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
 def test_bad_combinations_are_refused_after_loading_before_any_work(argv, message, tmp_path, monkeypatch):
     """Checks that need the data or the teacher's files, done before a baseline or the teacher runs."""
     ds = tiny_dataset()
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
-    monkeypatch.setattr(D, "fit", lambda *a, **k: pytest.fail("a student trained before the check"))
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(runs, "fit", lambda *a, **k: pytest.fail("a student trained before the check"))
     monkeypatch.setattr(T, "run_teacher", lambda *a, **k: pytest.fail("the teacher ran before the check"))
     (tmp_path / "A").write_bytes(b"GGUF")
     C.write_cache(tmp_path / "T", ds, *(lambda t: (t.item_emb, t.splits))(random_teacher(ds)), {"model": "random"})
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=re.escape(message)):
-        D.main(argv)
+        main(argv)
 
 
 def test_no_negative_item_is_refused_and_the_sampler_never_loops_for_ever():
@@ -1205,7 +1267,7 @@ def test_corrupt_or_odd_data_files_are_named_in_one_line(tmp_path, capsys):
     assert ds.n_items == 12 and "5 of 65 interactions dropped: 1 items without a usable title" in capsys.readouterr().err
     (ml / "u.data").write_text("".join(f"1\t{i}\t5\t{i}\n" for i in range(1, 13)))         # one user: 2 rows
     with pytest.raises(D.UserError, match=r"ml: 0 validation rows \(train/val/test 1/0/1\); a student needs rows"):
-        D.cli.check_trainable(data.load_dataset(str(ml)), 256, False)
+        D.check_trainable(data.load_dataset(str(ml)), 256, False)
 
 
 def test_a_corrupt_identity_or_manifest_is_named(tmp_path):
@@ -1256,17 +1318,17 @@ def test_a_captured_step_always_warms_up_eagerly_first():
     """Adam creates its state on the first step: captured, it would be reset at every replay."""
     m = student(S.SASRec, 10)
     opt = torch.optim.Adam(m.parameters())
-    assert D.Step(D.training_loss, m, opt, D.Config(), "captured", warmup=0).warmup == 1
-    assert D.Step(D.training_loss, m, opt, D.Config(), "eager", warmup=0).warmup == 0
+    assert ST.Step(D.training_loss, m, opt, D.Config(), "captured", warmup=0).warmup == 1
+    assert ST.Step(D.training_loss, m, opt, D.Config(), "eager", warmup=0).warmup == 0
 
 
 def test_each_command_keeps_its_own_defaults():
     """One command's defaults (reproduce: 512 teacher rows; compare-teachers: two students)
     must not leak into another's through shared option groups."""
-    get = lambda *argv: D.parse_args(list(argv))
+    get = lambda *argv: parse(list(argv))
     assert (get("teacher").train_rows, get("teacher").eval_rows) == (None, None)
     assert (get("reproduce").train_rows, get("reproduce").eval_rows) == (512, 128)
-    assert get("train").students == list(D.students.STUDENTS)
+    assert get("train").students == list(S.STUDENTS)
     assert (get("reproduce").students, get("reproduce").seeds) == (None, None)   # the preset decides, by device
     assert (get("reproduce").epochs, get("reproduce").patience) == (D.Config.epochs, D.Config.patience)
     assert (get("mechanism").epochs, get("mechanism").students) == (5, ["sasrec"])
@@ -1281,7 +1343,7 @@ def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, mon
     adapter.write_bytes(b"")
     adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint, "titles_only": True}))
     monkeypatch.setattr(T, "DEFAULT_ADAPTER", adapter)
-    args = lambda *extra: D.parse_args(["reproduce", *extra])
+    args = lambda *extra: parse(["reproduce", *extra])
     assert T.default_adapter(args(), ds) == (str(adapter), True)
     assert T.default_adapter(args("--zero-shot"), ds) == (None, False)
     for name in ("mine.gguf", "other.gguf"):
@@ -1492,11 +1554,11 @@ def test_reproduce_runs_end_to_end_on_a_tiny_teacher(tiny_model, tmp_path, monke
     table, the teacher beside the students on its own rows, a results file; --top-n 12 keeps
     fewer than 20 items, so the teacher has no @20 metrics to print."""
     ds = tiny_dataset()
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     argv = ["reproduce", "--model", str(tiny_model), "--n-ctx", "1024", "--teacher-seqs", "4", "--max-new-tokens", "8",
             "--top-n", "12", "--teacher-rows", "60", "--teacher-eval-rows", "10", "--students", "sasrec", "--seeds", "2",
             "--epochs", "2", "--batch-size", "64", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r.json")]
-    D.main(argv)
+    main(argv)
     printed, res = capsys.readouterr().out, json.loads((tmp_path / "r.json").read_text())
     assert [(line["variant"], line["seeds"]) for line in res["summary"]] == [("base", 2), ("dllm2rec", 2)]
     assert res["teacher"]["covered_train_rows"] == 60 and f"checksum {res['teacher']['checksum']}" in printed
@@ -1505,7 +1567,7 @@ def test_reproduce_runs_end_to_end_on_a_tiny_teacher(tiny_model, tmp_path, monke
     pop = D.popularity_metrics(ds, data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows]))
     assert f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}" in printed
     assert set(res["latency"]) == {"sasrec", "teacher"} and res["latency"]["teacher"] > 0
-    D.main(argv)                                                             # a second run: from the cache
+    main(argv)                                                             # a second run: from the cache
     assert f"checksum {res['teacher']['checksum']}" in capsys.readouterr().out
 
 
@@ -1618,12 +1680,12 @@ def test_non_gguf_model_or_adapter_is_refused_and_nothing_is_written(tmp_path, m
     """llama.cpp segfaults on some non-GGUF adapters: the files are checked first, and the work
     folder gets nothing (no identity.json) until the model has loaded."""
     ds = tiny_dataset()
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     fake = tmp_path / "adapter.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf file")
     for flag in ("--lora", "--model"):
         with pytest.raises(SystemExit, match=f"{flag}: .*not a GGUF file"):
-            D.main(["teacher", flag, str(fake), "--cache", str(tmp_path / "c")])
+            main(["teacher", flag, str(fake), "--cache", str(tmp_path / "c")])
     with pytest.raises(C.TeacherError, match="adapter.gguf: not a GGUF file"):
         T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(model=str(fake)))
     assert not (tmp_path / "c").exists()
@@ -1773,7 +1835,7 @@ def test_finetune_refuses_planted_checkpoints_divergence_and_bad_outputs(tiny_mo
     ds = tiny_dataset()
     ds.domain = "movies"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     settings = lambda out, lr: FT.FinetuneSettings(out=str(out), model=str(tiny_model), samples=8, r=4, lr=lr, batch_size=4)
     torch.save({"settings": RunsCode()}, tmp_path / "a.gguf.ckpt")
     with pytest.raises(pickle.UnpicklingError):                 # weights_only: no code runs
@@ -1784,18 +1846,18 @@ def test_finetune_refuses_planted_checkpoints_divergence_and_bad_outputs(tiny_mo
     assert not list(tmp_path.glob("b.gguf*"))                    # no adapter of NaN tensors, no checkpoint
     for out, message in [(tiny_model, "is the model it fine-tunes"), (tmp_path / "a.json", "expected a .gguf file name")]:
         with pytest.raises(SystemExit, match=message):
-            D.main(["finetune", "--model", str(tiny_model), "--out", str(out)])
+            main(["finetune", "--model", str(tiny_model), "--out", str(out)])
 
 
 @needs_llm
 def test_finetune_command_writes_the_adapter_reproduce_picks_up(tiny_model, tmp_path, monkeypatch):
     ds = tiny_dataset()
     ds.domain = "movies"
-    monkeypatch.setattr(D.data, "load_dataset", lambda *a: ds)
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     out = tmp_path / "a.gguf"
-    D.main(["finetune", "--model", str(tiny_model), "--samples", "8", "--batch-size", "4", "--titles-only",
+    main(["finetune", "--model", str(tiny_model), "--samples", "8", "--batch-size", "4", "--titles-only",
             "--out", str(out)])
     made = json.loads(out.with_suffix(".json").read_text())
     assert made["fingerprint"] == ds.fingerprint and made["titles_only"] and len(made["losses"]) == 2
     monkeypatch.setattr(T, "DEFAULT_ADAPTER", out)
-    assert T.default_adapter(D.parse_args(["reproduce"]), ds) == (str(out), True)
+    assert T.default_adapter(parse(["reproduce"]), ds) == (str(out), True)

@@ -1,0 +1,75 @@
+"""The research diagnostics' command line, `python -m research COMMAND` (the library's flags,
+parsing and one-line errors are cli.py's)."""
+from __future__ import annotations
+
+import cli
+import students
+from common import at_least, between, checked, choice_list
+from dllm2rec import Config
+from research import ablation, bench, compare, mechanism
+
+
+def add_commands(sub, parent) -> dict:
+    """mechanism, ablation, compare-teachers and bench on the subparsers sub; {name: function(args, ds)}."""
+    mc = sub.add_parser("mechanism", parents=[parent],
+                        help="diagnostic: distillation gain from synthetic teachers of known quality")
+    cli.student_flags(mc)
+    quality = checked(float, lambda q: None if 0 <= q <= 1 else "must be in [0, 1]")
+    mixed_or_quality = lambda text: "mixed" if text == "mixed" else quality(text)
+    mixed_or_quality.__name__ = "quality"
+    mc.add_argument("--qualities", type=mixed_or_quality, nargs="+", default=[1.0, 0.3, 0.0, "mixed"],
+                    help="from 1 (knows the held-out transitions) to 0 (random), and 'mixed': quality 1 on a random "
+                         "half of the rows, random advice on the rest (an LLM right for some users, not others)")
+    mc.add_argument("--variants", type=choice_list([v[0] for v in mechanism.VARIANTS]),
+                    default=[v[0] for v in mechanism.VARIANTS],
+                    help="comma-separated, from " + ",".join(f"{k} ({label})" for k, label, _ in mechanism.VARIANTS))
+    mc.add_argument("--converged", action="store_true",
+                    help=f"train every cell to convergence (--patience {Config.patience}, --epochs at least "
+                         f"{Config.epochs}), not the quick default")
+    mc.add_argument("--plot", help="also write a PNG: gain against teacher quality, one line per variant (needs matplotlib)")
+    cli.split_flags(mc)
+    mc.set_defaults(students=["sasrec"], epochs=5, patience=5, seeds=2)
+    ab = sub.add_parser("ablation", parents=[parent],
+                        help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
+    cli.student_flags(ab)
+    ab.add_argument("--qualities", type=quality, nargs="+", default=[0.5, 0.0],
+                    help="diagnostic teachers' qualities (0: the random teacher)")
+    ab.add_argument("--tables", type=choice_list(("ablations", "differences")), default=["ablations", "differences"],
+                    help="comma-separated, from ablations,differences")
+    ab.add_argument("--plot", help="also write a PNG per quality (FILE with -q<quality> before .png): bars with "
+                                   "error bars (needs matplotlib)")
+    cli.split_flags(ab)
+    ab.set_defaults(students=["sasrec", "dros"], seeds=3)
+    c = sub.add_parser("compare-teachers", parents=[parent],
+                       help="teachers and undistilled students on the same validation and test rows")
+    cli.student_flags(c)
+    c.add_argument("teachers", nargs="+", help="teacher cache folders (made with the same --teacher-eval-rows)")
+    c.set_defaults(students=["sasrec", "dros"])
+    count = checked(int, at_least(1))
+    b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")
+    b.add_argument("--students", type=choice_list(students.CHOICES), default=["sasrec", "dros"],
+                   help="comma-separated; plain SASRec and DROS + DLLM2Rec are the official code's comparable rows")
+    b.add_argument("--rows", type=checked(int, between(1, 10**7)), default=119_836)
+    b.add_argument("--items", type=checked(int, between(Config().K + 2, 10**7)), default=17_408,
+                   help="catalogue size (at least --k + 2: every row needs candidates and a negative)")
+    b.add_argument("--d-llm", type=checked(int, between(1, 65_536)), default=4096)
+    b.add_argument("--batch-size", type=checked(int, between(1, 1 << 16)), default=256)
+    b.add_argument("--steps", type=count, default=20)
+    b.add_argument("--warmup", type=checked(int, at_least(2)), default=5,
+                   help="untimed steps first (the captured step: up to 3 eager, then the capture, all untimed)")
+    b.add_argument("--eval-rows", type=count, default=14_980)
+    b.add_argument("--games-dir", help="a folder of the official Games val_data.csv and test_data.csv, whose "
+                                       "histories are resampled (default: random histories)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    b.add_argument("--out", help="also write the figures to this JSON file")
+    return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
+            "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench}
+
+
+def main(argv=None):
+    return cli.run(cli.parse_args(argv, [add_commands], default=None, prog="python -m research"))
+
+
+if __name__ == "__main__":
+    main()
