@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_write, file_sha256
+from common import UserError, atomic_write, file_sha256, write_error
 from metrics import CUTOFFS, metrics_from_ranks
 
 FORMAT = "dllm2rec-teacher-cache/1"
@@ -98,11 +98,16 @@ def write_cache(folder, dataset, item_emb: np.ndarray, splits: dict[str, TopN], 
 
 # ----------------------------------------------------------------------------- reading
 def read_json(path: Path) -> dict:
-    """A JSON file of the teacher's (manifest, identity, adapter record); a corrupt one is named."""
+    """A JSON object of the teacher's (manifest, identity, adapter record, fingerprint.json); a
+    corrupt one, or one that holds another kind of value, is named."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TeacherError(f"{path}: unreadable or not valid JSON ({e}); delete or restore it") from None
+    if not isinstance(obj, dict):
+        raise TeacherError(f"{path}: holds a JSON {type(obj).__name__}, not the object this code writes; delete or "
+                           "restore it")
+    return obj
 
 
 def read_cache(folder, dataset) -> TeacherOutputs:
@@ -148,7 +153,9 @@ def read_official(folder, dataset) -> TeacherOutputs:
     folder = Path(folder)
     fpath = folder / "fingerprint.json"
     if fpath.exists():
-        made = _load(fpath, lambda: json.loads(fpath.read_text()))
+        made = read_json(fpath)
+        if not isinstance(made.get("sha256", {}), dict):
+            raise TeacherError(f"{fpath}: its sha256 is not an object {{file: digest}}; delete or restore it")
         if made.get("fingerprint") != dataset.fingerprint:
             raise TeacherError(f"{fpath}: written for rows with fingerprint {made.get('fingerprint')}, the data "
                                f"loaded now ({dataset.name}) has {dataset.fingerprint}: the ranks would be misaligned")
@@ -199,6 +206,8 @@ def export_official(teacher: TeacherOutputs, folder, dataset) -> None:
         folder.mkdir(exist_ok=True)
         for name in (*files, "fingerprint.json"):
             os.replace(tmp / name, folder / name)
+    except OSError as e:
+        raise write_error(folder, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,9 +9,12 @@ option (-v: with the traceback). Each command builds its Config once and passes 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import fields
+
+import numpy as np
 
 import cache
 import data
@@ -148,13 +151,37 @@ def cmd_reproduce(args, ds) -> dict:
           f"({covered / len(ds.train):.1%}), outputs checksum {checksum}")
     print(format_table(summary, floor))
     print(ranking_share(covered, len(ds.train), p.cfg))
-    latency = teacher_llm.beside(teacher, teacher_eval, popularity_metrics(ds, subsets["teacher_test_rows"]), summary,
+    latency = beside(teacher, teacher_eval, popularity_metrics(ds, subsets["teacher_test_rows"]), summary,
                                  trained, eval_rows=len(ds.val) + len(ds.test) + len(rows))
     runs.save_results(args.out, ds, trained, summary, floor=floor, latency=latency, teacher={
         "cache": str(path), "eval": teacher_eval, "manifest": teacher.manifest, "covered_train_rows": covered,
         "checksum": checksum})
     print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
     return {"summary": summary, "runs": trained, "teacher": teacher_eval}
+
+
+def beside(teacher: cache.TeacherOutputs, teacher_eval: dict, pop: dict, summary: list[dict], runs: list[dict],
+           eval_rows: int) -> dict:
+    """Print the teacher beside the popularity floor (pop) and the students (their runs'
+    subsets["teacher_test_rows"]) on the test rows it covered, then the seconds per user at
+    inference (a student's: its evaluation time over the eval_rows it ranks). -> the latencies."""
+    test = teacher_eval["test"]      # no HR@20 when the teacher kept fewer than 20 items (--top-n)
+    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher "
+          f"{test.get('HR@20', math.nan):.4f} / {test.get('NDCG@20', math.nan):.4f}, "
+          f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
+    if test.get("NDCG@20", math.nan) < pop["NDCG@20"] or test.get("HR@20", math.nan) < pop["HR@20"]:
+        print("  the teacher scores below the popularity floor on its own test rows: its ranking advice is worse "
+              "than recommending the most popular items, so the students have little to learn from it")
+    for line in summary:
+        ms = [r["subsets"]["teacher_test_rows"] for r in runs
+              if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]
+        print(f"  {line['student'] + ' ' + line['variant']:30} {np.mean([m['HR@20'] for m in ms]):.4f} / "
+              f"{np.mean([m['NDCG@20'] for m in ms]):.4f}")
+    latency = {r["config"]["student"]: float(np.mean([e["eval_s"] for e in r["epochs"] if "test" in e])) / eval_rows
+               for r in runs if r["variant"] == "dllm2rec"}
+    latency["teacher"] = teacher.manifest.get("teacher", {}).get("seconds_per_row")
+    print("\nseconds per user at inference: " + ", ".join(f"{k} {v:.1e}" for k, v in latency.items() if v))
+    return latency
 
 
 def add_commands(sub, parent) -> dict:

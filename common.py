@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -28,8 +29,17 @@ class UserError(ValueError):
 
 
 # ============================================================================ files
+def write_error(path, e: OSError) -> UserError:
+    """A failed write as one line naming the file; a full disk is said as such (numpy's tofile
+    reports one only as "N requested and M written", without an errno)."""
+    full = e.errno == errno.ENOSPC or " requested and " in str(e)
+    why = "no space left on the device" if full else (e.strerror or str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return UserError(f"{path}: could not be written ({why}); nothing was written there")
+
+
 def atomic_write(path: Path, write) -> None:
-    """write(f) into a temporary file beside path, then rename it over path."""
+    """write(f) into a temporary file beside path, then rename it over path; a failed write
+    leaves neither a partial file nor the temporary one, and is named (write_error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,6 +48,9 @@ def atomic_write(path: Path, write) -> None:
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -138,42 +138,32 @@ def from_interactions(name: str, users, items, times, raw_titles: dict, domain: 
 
 
 # ----------------------------------------------------------------------------- MovieLens
-def read_movielens_100k(folder: str | os.PathLike, name: str = "ml-100k") -> Dataset:
-    """GroupLens ml-100k: u.data (user item rating time, tabs) + u.item (latin-1, '|')."""
-    folder = Path(folder)
-    users, items, times = [], [], []
-    for ln, line in enumerate(_lines(folder / "u.data"), 1):
-        parts = line.split("\t")
-        if len(parts) != 4:
-            raise DataError(f"{folder / 'u.data'} line {ln}: expected 4 tab-separated fields")
-        where = f"{folder / 'u.data'} line {ln}"
-        users.append(_int(parts[0], where)); items.append(_int(parts[1], where)); times.append(_int(parts[3], where))
-    titles = {}
-    for ln, line in enumerate(_text_lines(folder / "u.item"), 1):  # latin-1 as published; a UTF-8 copy too
-        parts = line.split("|")
-        if len(parts) < 2:
-            raise DataError(f"{folder / 'u.item'} line {ln}: expected 'id|title|...'")
-        titles[_int(parts[0], f"{folder / 'u.item'} line {ln}")] = parts[1]
-    return from_interactions(name, users, items, times, titles, "movies",
-                             min_history=MAX_HISTORY, source=str(folder))
+# the two GroupLens layouts: ratings file, its separator, titles file, its separator, and the
+# fields of a titles line (ml-100k's u.item has genre flags after the title, movies.dat one field)
+MOVIELENS = {"ml-100k": ("u.data", "\t", "u.item", "|", None), "ml-1m/10m": ("ratings.dat", "::", "movies.dat", "::", 3)}
 
 
-def read_movielens_dat(folder: str | os.PathLike, name: str | None = None) -> Dataset:
-    """GroupLens ml-1m / ml-10m: ratings.dat and movies.dat, fields separated by '::'."""
+def read_movielens(folder: str | os.PathLike, name: str | None = None) -> Dataset:
+    """GroupLens MovieLens: ml-100k (u.data: user, item, rating, time tab-separated; u.item:
+    id|title|..., latin-1) or ml-1m / ml-10m (ratings.dat user::item::rating::time; movies.dat
+    id::title::genres, latin-1 or UTF-8)."""
     folder = Path(folder)
+    layout = "ml-100k" if (folder / "u.data").exists() else "ml-1m/10m"
+    ratings, sep, movies, title_sep, title_fields = MOVIELENS[layout]
     users, items, times = [], [], []
-    for ln, line in enumerate(_lines(folder / "ratings.dat"), 1):
-        parts = line.split("::")
+    for ln, line in enumerate(_lines(folder / ratings), 1):
+        where = f"{folder / ratings} line {ln}"
+        parts = line.split(sep)
         if len(parts) != 4:
-            raise DataError(f"{folder / 'ratings.dat'} line {ln}: expected user::item::rating::time")
-        where = f"{folder / 'ratings.dat'} line {ln}"
+            raise DataError(f"{where}: expected 4 fields user{sep}item{sep}rating{sep}time".replace("\t", "<TAB>"))
         users.append(_int(parts[0], where)); items.append(_int(parts[1], where)); times.append(_int(parts[3], where))
     titles = {}
-    for ln, line in enumerate(_text_lines(folder / "movies.dat"), 1):  # ml-10m is UTF-8, ml-1m latin-1
-        parts = line.split("::")
-        if len(parts) != 3:
-            raise DataError(f"{folder / 'movies.dat'} line {ln}: expected id::title::genres")
-        titles[_int(parts[0], f"{folder / 'movies.dat'} line {ln}")] = parts[1]
+    for ln, line in enumerate(_text_lines(folder / movies), 1):  # latin-1 as GroupLens published it, or UTF-8
+        where = f"{folder / movies} line {ln}"
+        parts = line.split(title_sep)
+        if len(parts) < 2 or (title_fields and len(parts) != title_fields):
+            raise DataError(f"{where}: expected id{title_sep}title{title_sep}" + ("genres" if title_fields else "..."))
+        titles[_int(parts[0], where)] = parts[1]
     return from_interactions(name or folder.name, users, items, times, titles, "movies",
                              min_history=MAX_HISTORY, source=str(folder))
 
@@ -197,10 +187,13 @@ def read_amazon(reviews: str | os.PathLike, meta: str | os.PathLike, name: str |
     reviews, meta = Path(reviews), Path(meta)
     users, items, times = [], [], []
     for ln, rec in enumerate(_json_records(reviews), 1):
-        try:
-            users.append(rec["reviewerID"]); items.append(rec["asin"]); times.append(int(rec["unixReviewTime"]))
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{reviews} record {ln}: needs reviewerID, asin, unixReviewTime") from None
+        where = f"{reviews} record {ln}"
+        if not isinstance(rec, dict) or not {"reviewerID", "asin", "unixReviewTime"} <= set(rec):
+            raise DataError(f"{where}: needs reviewerID, asin, unixReviewTime")
+        if not all(isinstance(rec[k], str) for k in ("reviewerID", "asin")):
+            raise DataError(f"{where}: reviewerID and asin must be strings")
+        users.append(rec["reviewerID"]); items.append(rec["asin"])
+        times.append(_int(rec["unixReviewTime"], where, "unixReviewTime"))
     wanted = set(items)
     titles = {rec["asin"]: rec["title"] for rec in _json_records(meta)
               if isinstance(rec, dict) and rec.get("asin") in wanted and isinstance(rec.get("title"), str)}
@@ -367,14 +360,12 @@ def load_dataset(spec: str, data_dir: str | None = None, allow_pickle: bool = Fa
     reviews + meta_*.json(.gz)."""
     if spec == "ml-100k":
         local = data_dir or os.environ.get("DLLM2REC_ML100K")
-        return read_movielens_100k(local if local else download_ml100k())
+        return read_movielens(local if local else download_ml100k(), "ml-100k")
     folder = Path(spec)
     if not folder.is_dir():
         raise DataError(f"{spec}: neither 'ml-100k' nor a folder")
-    if (folder / "u.data").exists():
-        return read_movielens_100k(folder, folder.name)
-    if (folder / "ratings.dat").exists():
-        return read_movielens_dat(folder)
+    if (folder / "u.data").exists() or (folder / "ratings.dat").exists():
+        return read_movielens(folder)
     if (folder / "id2name.txt").exists():
         return read_official(folder, allow_pickle=allow_pickle)
     metas = sorted(folder.glob("meta_*.json*"))

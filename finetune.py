@@ -22,8 +22,8 @@ import torch.utils.checkpoint
 
 import teacher as teacher_io
 from cache import TeacherError
-from common import (UserError, add_flags, at_least, atomic_write, check_writable, fraction, from_args, opt, pick_device,
-                    positive, write_json)
+from common import (UserError, add_flags, at_least, atomic_write, between, check_writable, fraction, from_args, opt,
+                    pick_device, positive, write_error, write_json)
 
 
 @dataclass
@@ -173,6 +173,8 @@ def export_lora(model: TorchLlama, path, r: int, alpha: float) -> None:
             w.add_tensor(f"blk.{i}.{name}.weight.lora_b", lora.lora_b.detach().float().cpu().numpy())
         w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
         tmp.replace(path)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -219,12 +221,30 @@ class FinetuneSettings:
     lora_dropout: float = opt(0.05, "dropout on the LoRA input", fraction)
     lr: float = opt(1e-4, "AdamW learning rate", positive)
     batch_size: int = opt(8, "sequences per step", at_least(1))
-    seed: int = opt(0, "random seed", at_least(0))
+    seed: int = opt(0, "random seed", between(0, 2**31 - 1))
     device: str = opt("cpu", "cpu, auto (CUDA when present), cuda, cuda:1 ...")
     dtype: str = opt("float32", "of the frozen weights (bfloat16 for a 7B model on a GPU); LoRA stays float32",
                      choices=["float32", "bfloat16"])
     gradient_checkpointing: bool = opt(False, "recompute each layer in backward")
     titles_only: bool = opt(False, "record in the .json that reproduce serves this adapter with --titles-only")
+
+
+CHECKPOINT_KEYS = {"settings", "epochs", "losses", "seconds", "lora", "opt", "torch_rng", "np_rng"}
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint train_lora wrote; anything else (unreadable, truncated, a pickle that would
+    run code, other contents) is refused in one line naming the file."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)   # tensors and plain data only: no code runs
+    except Exception as e:   # torch's messages span many lines; their first names the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TeacherError(f"{path}: not a checkpoint this code can read ({type(e).__name__}: {first}); remove it "
+                           "or choose another --out") from None
+    if not isinstance(ck, dict) or not CHECKPOINT_KEYS <= set(ck):
+        raise TeacherError(f"{path}: not a fine-tuning checkpoint (it lacks {sorted(CHECKPOINT_KEYS - set(ck or ()))}"
+                           "); remove it or choose another --out")
+    return ck
 
 
 def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
@@ -254,7 +274,7 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
     ckpt_path = out.with_name(out.name + ".ckpt")
     done, losses, seconds = 0, [], 0.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)   # tensors and plain data only: no code runs
+        ck = read_checkpoint(ckpt_path)
         if ck["settings"] != same:
             raise TeacherError(f"{ckpt_path}: a checkpoint of other settings ({ck['settings']}); "
                                           "remove it or choose another --out")

@@ -61,6 +61,9 @@ def read_chat_template(model_path) -> str:
     return template
 
 
+DEFAULT_N_CTX = 4096   # the KV cache when --n-ctx is not given, unless the model's context is smaller
+
+
 class LlamaTeacher:
     """One llama.cpp model and one context with a unified KV cache holding several sequences:
     sequence 0 keeps the shared prompt prefix, 1..n_seq are rows decoded together."""
@@ -80,8 +83,8 @@ class LlamaTeacher:
                          n_gpu_layers=st.n_gpu_layers, n_threads=threads, n_ctx=256, n_batch=256, verbose=False)
         if st.lora and not self.llm._lora_adapter:   # a NULL pointer: llama.cpp refused the file
             raise TeacherError(f"{st.lora}: llama.cpp could not load it as a LoRA adapter of {self.model_path.name}")
-        n_ctx, n_seq = st.n_ctx, st.n_seq
-        trained = llama_cpp.llama_model_n_ctx_train(self.llm._model.model)
+        n_seq, trained = st.n_seq, llama_cpp.llama_model_n_ctx_train(self.llm._model.model)
+        n_ctx = st.n_ctx or min(DEFAULT_N_CTX, (n_seq + 1) * trained)          # a default fits the model
         if n_ctx > (n_seq + 1) * trained:       # more cells than its sequences can ever use: memory for nothing
             raise TeacherError(f"--n-ctx {n_ctx}: more than (--teacher-seqs {n_seq} + 1) x the {trained} tokens "
                                f"{self.model_path.name} was trained on")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_ti
                    load_teacher, read_cache, read_json, teacher_metrics, title_match_share, write_cache)
 from common import (Progress, UserError, add_flags, at_least, atomic_write, between, cache_home, checked, cpu_name,
                     file_sha256, from_args, opt, write_json)
-from llm import (LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
+from llm import (DEFAULT_N_CTX, LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
                  read_chat_template)
 
 
@@ -43,7 +42,9 @@ class TeacherSettings:
     lora: str | None = opt(None, "GGUF LoRA adapter applied to the model", gguf_file)
     n_gpu_layers: int = opt(0, "layers offloaded to the GPU (-1: all)", at_least(-1))
     threads: int | None = opt(None, "CPU threads (default: all cores)", between(1, 512), type=int)
-    n_ctx: int = opt(4096, "KV cache size shared by the rows decoded together", between(64, 1 << 20))
+    n_ctx: int | None = opt(None, "KV cache size shared by the rows decoded together (default: the smaller of "
+                                  f"{DEFAULT_N_CTX} and (--teacher-seqs + 1) x the model's training context)",
+                            between(64, 1 << 20), type=int)
     n_seq: int = opt(1, "rows decoded together. 1: a row's answer does not depend on the rows decoded beside it "
                         "(batched decoding changes llama.cpp's rounding, which flips near-tied greedy choices); "
                         "more is faster on a GPU but ties the cache to the batch composition",
@@ -445,30 +446,6 @@ def stage(args, ds) -> tuple[TeacherOutputs, dict, Path]:
         raise UserError(f"{path}: the teacher's work is not complete (other shards?); run again when it is")
     print(describe(teacher, ds))
     return teacher, report(teacher, ds), path
-
-
-def beside(teacher: TeacherOutputs, teacher_eval: dict, pop: dict, summary: list[dict], runs: list[dict],
-           eval_rows: int) -> dict:
-    """Print the teacher beside the popularity floor (pop) and the students (their runs'
-    subsets["teacher_test_rows"]) on the test rows it covered, then the seconds per user at
-    inference (a student's: its evaluation time over the eval_rows it ranks). -> the latencies."""
-    test = teacher_eval["test"]      # no HR@20 when the teacher kept fewer than 20 items (--top-n)
-    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher "
-          f"{test.get('HR@20', math.nan):.4f} / {test.get('NDCG@20', math.nan):.4f}, "
-          f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
-    if test.get("NDCG@20", math.nan) < pop["NDCG@20"] or test.get("HR@20", math.nan) < pop["HR@20"]:
-        print("  the teacher scores below the popularity floor on its own test rows: its ranking advice is worse "
-              "than recommending the most popular items, so the students have little to learn from it")
-    for line in summary:
-        ms = [r["subsets"]["teacher_test_rows"] for r in runs
-              if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]
-        print(f"  {line['student'] + ' ' + line['variant']:30} {np.mean([m['HR@20'] for m in ms]):.4f} / "
-              f"{np.mean([m['NDCG@20'] for m in ms]):.4f}")
-    latency = {r["config"]["student"]: float(np.mean([e["eval_s"] for e in r["epochs"] if "test" in e])) / eval_rows
-               for r in runs if r["variant"] == "dllm2rec"}
-    latency["teacher"] = teacher.manifest.get("teacher", {}).get("seconds_per_row")
-    print("\nseconds per user at inference: " + ", ".join(f"{k} {v:.1e}" for k, v in latency.items() if v))
-    return latency
 
 
 def default_cache(ds, st: TeacherSettings) -> Path:

@@ -34,7 +34,7 @@ import runs
 import step as ST
 import students as S
 import teacher as T
-from common import at_the_boundary, from_args
+from common import at_the_boundary, from_args, write_json
 from research import ablation as ABL, commands as RC, mechanism as MECH, synthetic as SY
 
 ROOT = Path(__file__).resolve().parent
@@ -174,7 +174,7 @@ def corrupt(tmp_path, ds, how):
         p.write_bytes(bytes(b))
 
 
-def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64):
+def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64, context=1024):
     """A random-weight llama GGUF: byte-fallback SentencePiece vocabulary of 355 tokens, 2 layers."""
     import gguf
     rng = np.random.default_rng(seed)
@@ -182,7 +182,7 @@ def write_tiny_llama(path, seed=0, n_layer=2, d=32, n_head=4, n_kv=2, ff=64):
     types = [2, 3, 3] + [6] * 256 + [1] * 96
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name(f"tiny-random-llama-{seed}")
-    w.add_context_length(1024); w.add_embedding_length(d); w.add_block_count(n_layer)
+    w.add_context_length(context); w.add_embedding_length(d); w.add_block_count(n_layer)
     w.add_feed_forward_length(ff); w.add_head_count(n_head); w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(1e-5); w.add_rope_dimension_count(d // n_head); w.add_vocab_size(len(tokens))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -244,7 +244,7 @@ def test_windowing_and_split_on_hand_made_rows():
 def test_movielens_100k_reader(tmp_path):
     (tmp_path / "u.data").write_text("".join(f"{u}\t{i}\t5\t{t}\n" for u in (2, 1) for t, i in enumerate(range(1, 13), 100 * u)))
     (tmp_path / "u.item").write_bytes("".join(f"{i}|Mis\xe9rables {i}|x\n" for i in range(1, 14)).encode("latin-1"))
-    ds = data.read_movielens_100k(tmp_path)
+    ds = data.read_movielens(tmp_path, "ml-100k")
     assert ds.n_items == 12 and ds.titles[0] == "Misérables 1"
     assert len(ds.train) + len(ds.val) + len(ds.test) == 4   # 2 users x (12 - 10) rows
     assert ds.train.hist[0].tolist() == list(range(10))
@@ -253,7 +253,7 @@ def test_movielens_100k_reader(tmp_path):
 def test_movielens_dat_reader(tmp_path):
     (tmp_path / "ratings.dat").write_text("".join(f"1::{i}::4::{i}\n" for i in (30, 10, 20) * 4))
     (tmp_path / "movies.dat").write_bytes("10::A (1990)::Drama\n20::B\xe9 (1991)::Comedy\n30::C::X\n".encode("latin-1"))
-    ds = data.read_movielens_dat(tmp_path)
+    ds = data.read_movielens(tmp_path)
     assert ds.titles == ["A (1990)", "Bé (1991)"] and ds.n_items == 2   # "C": too short, dropped (BIGRec)
 
 
@@ -274,6 +274,17 @@ def test_amazon_reader(tmp_path, year):
     rows = np.concatenate([s.hist[:, :4] for s in (ds.train, ds.val, ds.test)])
     assert rows.tolist() == [[2, 0, 1, 3]] * 2
     assert [len(ds.train), len(ds.val), len(ds.test)] == [1, 0, 1]
+
+
+@pytest.mark.parametrize("time,message", [("Infinity", "unixReviewTime inf is not an integer"),
+                                          ("1e30", "unixReviewTime 1e+30 is out of range"),
+                                          ('"soon"', "unixReviewTime 'soon' is not an integer")])
+def test_an_amazon_timestamp_that_is_no_time_names_the_file_and_record(tmp_path, time, message):
+    good = '{"reviewerID": "u1", "asin": "a1", "unixReviewTime": 5}'
+    (tmp_path / "r.json").write_text(good + '\n{"reviewerID": "u1", "asin": "a2", "unixReviewTime": ' + time + "}\n")
+    (tmp_path / "meta_x.json").write_text('{"asin": "a1", "title": "One"}\n{"asin": "a2", "title": "Two"}\n')
+    with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / 'r.json'} record 2: {message}")):
+        data.load_dataset(str(tmp_path))
 
 
 @pytest.mark.parametrize("fmt", ["bigrec", "llara"])
@@ -341,7 +352,7 @@ def test_u_item_saved_as_utf8_is_read_right(tmp_path):
     """GroupLens ships u.item in latin-1; a copy re-saved as UTF-8 must not become mojibake."""
     (tmp_path / "u.data").write_text("".join(f"1\t{i}\t5\t{i}\n" for i in range(1, 13)))
     (tmp_path / "u.item").write_text("".join(f"{i}|Mis\xe9rables {i}|x\n" for i in range(1, 14)), encoding="utf-8")
-    assert data.read_movielens_100k(tmp_path).titles[0] == "Misérables 1"
+    assert data.read_movielens(tmp_path, "ml-100k").titles[0] == "Misérables 1"
 
 
 @pytest.mark.parametrize("row,message", [
@@ -1170,6 +1181,7 @@ def test_compare_teachers_reports_hand_computed_metrics_on_the_same_rows(tmp_pat
     (["teacher", "--teacher-seqs", "100000"], "--teacher-seqs"), (["teacher", "--n-ctx", "1000000000"], "--n-ctx"),
     (["teacher", "--threads", "100000"], "--threads: 100000: must be in 1..512"), (["bench", "--warmup", "0"], "--warmup"),
     (["ablation", "--shard", "2/2"], "--shard: '2/2': expected i/n"), (["train", "--shard", "1"], "--shard"),
+    (["finetune", "--out", "a.gguf", "--seed", "99999999999999999999999"], "--seed: 99999999999999999999999: must be in"),
 ])
 def test_bad_options_are_refused_in_one_line_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -1277,6 +1289,22 @@ def test_a_corrupt_identity_or_manifest_is_named(tmp_path):
     (tmp_path / "manifest.json").write_bytes(b"\xff\xfe")
     with pytest.raises(C.TeacherError, match=r"manifest.json: unreadable or not valid JSON"):
         T.check_manifest(tmp_path, {"format": "x"})
+    for value in ("[1, 2]", '"text"', "3"):                                 # valid JSON, not an object
+        for name in ("identity.json", "manifest.json"):
+            (tmp_path / name).write_text(value)
+        with pytest.raises(C.TeacherError, match=r"identity.json: holds a JSON \w+, not the object"):
+            T.check_identity(tmp_path, {"format": "x"})
+        with pytest.raises(C.TeacherError, match=r"manifest.json: holds a JSON \w+, not the object"):
+            T.check_manifest(tmp_path, {"format": "x"})
+
+
+def test_an_official_fingerprint_json_of_another_shape_is_named(tmp_path):
+    ds = tiny_dataset()
+    C.export_official(random_teacher(ds), tmp_path, ds)
+    for value, message in (("[]", "holds a JSON list"), ('{"sha256": [1]}', "its sha256 is not an object")):
+        (tmp_path / "fingerprint.json").write_text(value)
+        with pytest.raises(C.TeacherError, match=re.escape(f"{tmp_path / 'fingerprint.json'}: {message}")):
+            C.load_teacher(tmp_path, ds)
 
 
 def test_ctrl_c_and_corrupt_archives_end_in_one_line():
@@ -1299,7 +1327,7 @@ def test_a_full_disk_leaves_no_partial_export_and_no_temporary_file(tmp_path, mo
         raise OSError(28, "No space left on device")
     with monkeypatch.context() as m:
         m.setattr(np, "savetxt", full)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(C.UserError, match=re.escape(f"{tmp_path / 'official'}: could not be written (no space left")):
             C.export_official(t, tmp_path / "official", ds)
     assert list(tmp_path.iterdir()) == []                          # no folder, no temporary folder
     C.export_official(t, tmp_path / "official", ds)
@@ -1308,10 +1336,19 @@ def test_a_full_disk_leaves_no_partial_export_and_no_temporary_file(tmp_path, mo
         import gguf
         cfg = FT.LlamaConfig(n_layer=1, d=8, n_head=2, n_kv=2, ff=16, n_vocab=10, eps=1e-5, rope_base=1e4, n_rot=4)
         model = FT.TorchLlama(cfg, {"blk.0.attn_q.weight": torch.zeros(8, 8), "blk.0.attn_v.weight": torch.zeros(8, 8)}, r=2, alpha=4)
-        monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", lambda *a, **k: full())
-        with pytest.raises(OSError, match="No space left"):
-            FT.export_lora(model, tmp_path / "adapter.gguf", r=2, alpha=4)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+        def short(*a, **k):                  # numpy's tofile on a full disk: no errno, no file name
+            raise OSError("2048 requested and 840 written")
+        for fail in (full, short):
+            monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", fail)
+            with pytest.raises(C.UserError, match=re.escape(f"{tmp_path / 'adapter.gguf'}: could not be written (no "
+                                                            "space left on the device)")):
+                FT.export_lora(model, tmp_path / "adapter.gguf", r=2, alpha=4)
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
+    with monkeypatch.context() as m:         # atomic_write: every JSON, cache file and checkpoint
+        m.setattr(json, "dumps", lambda *a, **k: full())
+        with pytest.raises(C.UserError, match=r"r.json: could not be written \(no space left on the device\)"):
+            write_json(tmp_path / "r.json", {"runs": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official"]
 
 
 def test_a_captured_step_always_warms_up_eagerly_first():
@@ -1676,6 +1713,22 @@ def test_a_kv_cache_too_small_or_too_large_is_refused_before_any_chunk(tiny_mode
         T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, top_n=41))
 
 
+@needs_llm
+def test_the_default_kv_cache_fits_a_model_trained_on_a_short_context(tmp_path):
+    """A user who sets no --n-ctx gets a cache the model can use: 4096, or (--teacher-seqs + 1) x
+    the model's training context where that is smaller (here 256 tokens: 512, and 768 for 2 rows)."""
+    model = write_tiny_llama(tmp_path / "short.gguf", context=256)
+    for n_seq, want in ((1, 512), (2, 768)):
+        llm = T.LlamaTeacher(T.TeacherSettings(model=str(model), n_seq=n_seq))
+        try:
+            assert llm.n_ctx == want and T.TeacherSettings().n_ctx is None
+        finally:
+            llm.close()
+    llm = T.LlamaTeacher(T.TeacherSettings(model=str(write_tiny_llama(tmp_path / "long.gguf", context=8192))))
+    assert llm.n_ctx == 4096
+    llm.close()
+
+
 def test_non_gguf_model_or_adapter_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     """llama.cpp segfaults on some non-GGUF adapters: the files are checked first, and the work
     folder gets nothing (no identity.json) until the model has loaded."""
@@ -1837,9 +1890,14 @@ def test_finetune_refuses_planted_checkpoints_divergence_and_bad_outputs(tiny_mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     settings = lambda out, lr: FT.FinetuneSettings(out=str(out), model=str(tiny_model), samples=8, r=4, lr=lr, batch_size=4)
-    torch.save({"settings": RunsCode()}, tmp_path / "a.gguf.ckpt")
-    with pytest.raises(pickle.UnpicklingError):                 # weights_only: no code runs
-        FT.train_lora(ds, settings(tmp_path / "a.gguf", 1e-2), log=lambda *a: None)
+    ckpt = tmp_path / "a.gguf.ckpt"
+    for plant, message in ((lambda: torch.save({"settings": RunsCode()}, ckpt), "UnpicklingError"),  # no code runs
+                           (lambda: ckpt.write_bytes(b"PK\x03\x04 cut"), "not a checkpoint this code can read"),
+                           (lambda: torch.save({"lora": 1}, ckpt), "not a fine-tuning checkpoint")):
+        plant()
+        with pytest.raises(C.TeacherError) as e:
+            FT.train_lora(ds, settings(tmp_path / "a.gguf", 1e-2), log=lambda *a: None)
+        assert str(e.value).startswith(f"{ckpt}: ") and message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "planted-code-ran").exists()
     with pytest.raises(FloatingPointError, match=r"finetune: the loss became nan at step \d+ \(a smaller --lr"):
         FT.train_lora(ds, settings(tmp_path / "b.gguf", 1e30), log=lambda *a: None)
