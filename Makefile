@@ -1,16 +1,21 @@
 # Two commands: `make reproduce` (the single command's table) and `make test` (the suite).
 # Each installs what it needs first; pip skips what is already there.
 PYTHON ?= python
-# a local folder of prebuilt wheels (llama-cpp-python takes ~10 minutes to build otherwise)
-WHEELS ?= $(wildcard ../shared/wheels)
+# WHEELS=folder: a local folder of prebuilt wheels (llama-cpp-python takes ~10 minutes to build otherwise)
+WHEELS ?=
 LINKS := $(if $(WHEELS),--find-links $(WHEELS),)
 # a source build of llama.cpp compiles a fixed x86-64 instruction set (AVX2, FMA, F16C), not the
 # build machine's (-march=native), so that its teacher outputs match the AVX2 wheel's (README: teacher)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
-# a local MovieLens-100K copy, if there is one (else the code downloads it from GroupLens)
-ML100K ?= $(wildcard ../shared/datasets/ml-100k)
+# ML100K=folder: a local MovieLens-100K copy (else the code downloads it from GroupLens; the tests
+# that need it skip); LASTFM=folder: LLaRA's LastFM rows, for one reader test
+ML100K ?=
+LASTFM ?=
 ifneq ($(ML100K),)
 export DLLM2REC_ML100K ?= $(abspath $(ML100K))
+endif
+ifneq ($(LASTFM),)
+export DLLM2REC_LASTFM ?= $(abspath $(LASTFM))
 endif
 
 .PHONY: install reproduce test

@@ -24,7 +24,7 @@ import students
 import teacher as teacher_llm
 from common import Parser, UserError, add_flags, at_the_boundary, between, check_writable, checked, choice_list, from_args, pick_device
 from dllm2rec import ABLATIONS, Config, check_trainable, popularity_metrics
-from results import format_table, summarise
+from results import format_rows, format_table, summarise
 
 # The single command's preset: overrides of the defaults, written once. Its teacher runs on 512
 # training rows and 128 validation and test rows each; its students and seeds follow the
@@ -166,17 +166,18 @@ def beside(teacher: cache.TeacherOutputs, teacher_eval: dict, pop: dict, summary
     subsets["teacher_test_rows"]) on the test rows it covered, then the seconds per user at
     inference (a student's: its evaluation time over the eval_rows it ranks). -> the latencies."""
     test = teacher_eval["test"]      # no HR@20 when the teacher kept fewer than 20 items (--top-n)
-    print(f"\non the {test['rows']} test rows the teacher covered (HR@20 / NDCG@20): teacher "
-          f"{test.get('HR@20', math.nan):.4f} / {test.get('NDCG@20', math.nan):.4f}, "
-          f"popularity {pop['HR@20']:.4f} / {pop['NDCG@20']:.4f}")
-    if test.get("NDCG@20", math.nan) < pop["NDCG@20"] or test.get("HR@20", math.nan) < pop["HR@20"]:
-        print("  the teacher scores below the popularity floor on its own test rows: its ranking advice is worse "
-              "than recommending the most popular items, so the students have little to learn from it")
+    rows = [["teacher", f"{test.get('HR@20', math.nan):.4f}", f"{test.get('NDCG@20', math.nan):.4f}"],
+            ["popularity", f"{pop['HR@20']:.4f}", f"{pop['NDCG@20']:.4f}"]]
     for line in summary:
         ms = [r["subsets"]["teacher_test_rows"] for r in runs
               if r["config"]["student"] == line["student"] and r["variant"] == line["variant"]]
-        print(f"  {line['student'] + ' ' + line['variant']:30} {np.mean([m['HR@20'] for m in ms]):.4f} / "
-              f"{np.mean([m['NDCG@20'] for m in ms]):.4f}")
+        rows.append([f"{line['student']} {line['variant']}", f"{np.mean([m['HR@20'] for m in ms]):.4f}",
+                     f"{np.mean([m['NDCG@20'] for m in ms]):.4f}"])
+    below = test.get("NDCG@20", math.nan) < pop["NDCG@20"] or test.get("HR@20", math.nan) < pop["HR@20"]
+    print(f"\non the {test['rows']} test rows the teacher covered (students: mean over seeds)")
+    print(format_rows(["", "HR@20", "NDCG@20"], rows, notes="the teacher scores below the popularity floor on its "
+                      "own test rows: its ranking advice is worse than recommending the most popular items, so the "
+                      "students have little to learn from it" if below else ""))
     latency = {r["config"]["student"]: float(np.mean([e["eval_s"] for e in r["epochs"] if "test" in e])) / eval_rows
                for r in runs if r["variant"] == "dllm2rec"}
     latency["teacher"] = teacher.manifest.get("teacher", {}).get("seconds_per_row")
