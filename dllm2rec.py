@@ -1,19 +1,21 @@
 """DLLM2Rec (Cui et al., RecSys 2024, arXiv 2405.00338): distil an LLM recommender into a
 sequential student. The whole loss of one batch of B rows, each with a target t and one
-sampled negative n (the paper's section 4, in the official code's conventions):
+sampled negative n (the paper's method section, in the official code's conventions; where its
+equation images are lost, the form is the prose's and the official code's):
 
     loss = L_base + alpha * L_DRO(t)                 (alpha: DROS, and any <student>+dro)
          + the student's own term                    (CL4SRec's InfoNCE: students.py)
-         + lam * L_rank                              (importance-aware ranking distillation, 4.2)
+         + lam * L_rank                              ("Importance-aware ranking distillation")
     L_base = (mean_b -log sig(s_t) + mean_b -log(1 - sig(s_n))) / 2      (BCE, one mean over 2B logits)
     L_rank = sum_r mean_b w_r * (-log sig(s_{c_r}) - log(1 - sig(s_n)) [+ alpha * L_DRO(c_r)])
-    w_r = normalize_r(gamma_p w_p + gamma_c w_c + gamma_o w_o)                      (eq. 6)
-    w_p = exp(-r) / Z (rank, eq. 3),  w_c = softmax_r(-d_r) (teacher confidence, eq. 4),
-    w_o = 1[c_r in the student's top-K] (consistency, eq. 5)
+    w_r = normalize_r(gamma_p w_p + gamma_c w_c + gamma_o w_o)     (the three weights combined)
+    w_p = exp(-r) / Z (position-aware),  w_c = softmax_r(-d_r) (confidence-aware),
+    w_o = 1[c_r in the student's top-K] (consistency-aware)
     L_DRO(t) = log sum_j exp(ps_j (y_j - 1[j = t])^2 / beta)          (DROS, Yang et al. 2023)
+    ps_j = ((c_j + 1) / sum_k (c_k + 1))^0.05, c_j: item j's count as a training target; beta = 1
 
-c_1..c_K are the teacher's top-K items (nearest first), d_r their distances. The collaborative
-embedding distillation (section 4.3) is the student's input layer, e_i = b_i + ed_weight * g(z_i)
+c_1..c_K are the teacher's top-K items (nearest first), d_r their distances. The paper's
+"Collaborative embedding distillation" is the student's input layer, e_i = b_i + ed_weight * g(z_i)
 (students.ItemEmbedding). Training selects the epoch on validation NDCG@20 and reports test.
 
 Here: the paper's terms, Config, the training loss, the training loop and evaluation. The
@@ -43,14 +45,14 @@ OFFICIAL_EPS = 1e-8   # the official code adds it to exp(-d_r) and to the 0/1 co
 DRO_BETA = 1.0        # DROS's robust radius beta
 
 
-# ============================================================================ the paper's terms (section 4.2)
+# ============================================================================ the paper's terms (importance-aware ranking distillation)
 def position_weight(K: int, device, dtype) -> torch.Tensor:
-    """w_p[r] = exp(-r / 1) / sum_{r'=1..K} exp(-r' / 1), r = 1..K (eq. 3) -> [K]."""
+    """Position-aware weight w_p[r] = exp(-r / 1) / sum_{r'=1..K} exp(-r' / 1), r = 1..K -> [K]."""
     return torch.softmax(-torch.arange(1, K + 1, dtype=dtype, device=device), dim=0)
 
 
 def confidence_weight(dist: torch.Tensor) -> torch.Tensor:
-    """w_c = exp(-d_r) / sum_r' exp(-d_r'), the paper's form (eq. 4): dist [B, K] -> [B, K]
+    """Confidence-aware weight w_c = exp(-d_r) / sum_r' exp(-d_r'), the paper's form: dist [B, K] -> [B, K]
     (a softmax, shift-safe: raw LLaMA distances of ~20 do not underflow)."""
     return torch.softmax(-dist, dim=1)
 
@@ -63,13 +65,13 @@ def confidence_weight_official(dist: torch.Tensor) -> torch.Tensor:
 
 
 def consistency_weight(cand: torch.Tensor, student_topk: torch.Tensor) -> torch.Tensor:
-    """w_o[r] = 1 if candidate c_r is in the student's current top-K, else 0 (eq. 5):
+    """Consistency-aware weight w_o[r] = 1 if candidate c_r is in the student's current top-K, else 0:
     [B, K], [B, K'] -> [B, K]. (The official code writes 1 or 1e-8: + OFFICIAL_EPS.)"""
     return (cand.unsqueeze(2) == student_topk.unsqueeze(1)).any(dim=2).to(torch.get_default_dtype())
 
 
 def importance_weight(w_p, w_c, w_o, gammas) -> torch.Tensor:
-    """w = normalize_over_r(gamma_p w_p + gamma_c w_c + gamma_o w_o) (eq. 6) -> [B, K]."""
+    """w = normalize_over_r(gamma_p w_p + gamma_c w_c + gamma_o w_o) -> [B, K]."""
     g_p, g_c, g_o = gammas
     w = g_p * w_p + g_c * w_c + g_o * w_o
     return w / w.sum(dim=1, keepdim=True).clamp(min=1e-12)
@@ -294,7 +296,7 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
     return loss
 
 
-# ============================================================================ evaluation (section 5.1)
+# ============================================================================ evaluation (the paper's experimental protocol)
 def ranks_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target in its row of scores [b, n]; ties count against the target
     (a model scoring everything equal gets no hits); a NaN target score ranks last, never a hit."""

@@ -1,5 +1,5 @@
-"""HR@k and NDCG@k from the 0-based rank of each row's one target (the paper's section 5.1:
-full ranking over all items, k in CUTOFFS, @20 reported). Written once: the students'
+"""HR@k and NDCG@k from the 0-based rank of each row's one target (the paper's protocol: full
+ranking over all items, k in CUTOFFS, @20 reported in its Table 5). Written once: the students'
 evaluation, the teacher's own metrics and the paired test's per-row NDCG all come from here."""
 from __future__ import annotations
 
