@@ -119,7 +119,7 @@ def cmd_train(args, ds) -> dict:
     trained = runs.train(p, ds, teacher, variants)
     if runs.save_shard(p, args.out, ds, trained):
         return {"runs": trained}
-    summary = summarise(trained)
+    summary = summarise(trained, users=ds.test.user)
     print(format_table(summary))
     if teacher is not None:
         print(ranking_share(len(teacher.splits["train"].rows), len(ds.train), p.cfg))
@@ -144,7 +144,7 @@ def cmd_reproduce(args, ds) -> dict:
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
     trained = runs.train(p, ds, teacher, [{}, {"distilled": True}], subsets)
-    summary = summarise(trained)
+    summary = summarise(trained, users=ds.test.user)
     covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
     floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}
     print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
@@ -232,7 +232,7 @@ def parse_args(argv=None, registrars=None, default: str | None = "reproduce", pr
 def run(args):
     """Check --out and --device, read the data, run the command; a bad input ends in one line."""
     def go():
-        if args.command != "export-official":            # there --out is a folder
+        if not getattr(args, "out_is_folder", False):     # export-official, retrieval-teacher: --out is a folder
             check_writable(getattr(args, "out", None), "--out")
         if getattr(args, "device", None) is not None:
             pick_device(args.device)

@@ -40,6 +40,7 @@ class Split:
     hist: np.ndarray    # [N, L] int64, right-padded with the pad id (= n_items)
     lens: np.ndarray    # [N] int64, number of real items in hist (0..L)
     target: np.ndarray  # [N] int64
+    user: np.ndarray | None = None   # [N] int64, the row's user (0.. in sorted raw-id order); None: not known
 
     def __len__(self) -> int:
         return len(self.target)
@@ -61,7 +62,7 @@ class Dataset:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of n_items and the split rows: stored with everything derived from them."""
+        """sha256 of n_items and the split rows (not their users): stored with everything derived from them."""
         h = hashlib.sha256(f"dllm2rec-rows/1 n_items={self.n_items}".encode())
         for split in (self.train, self.val, self.test):
             for a in (split.hist, split.lens, split.target):
@@ -80,9 +81,10 @@ def window_rows(user_items: list[list[int]], user_times: list[list[int]], n_item
     """BIGRec windowing. Per user (items already in time order): for i in
     range(min(max_history, n-1), n): history items[max(i-L, 0):i], target items[i].
     min_history=L (MovieLens in BIGRec) drops users with <= L items instead.
-    Returns hist [R, L], lens [R], target [R], target time [R], in user order."""
-    hist, lens, target, times = [], [], [], []
-    for items, ts in zip(user_items, user_times):
+    Returns hist [R, L], lens [R], target [R], target time [R], user [R] (the index into
+    user_items), in user order."""
+    hist, lens, target, times, users = [], [], [], [], []
+    for u, (items, ts) in enumerate(zip(user_items, user_times)):
         n = len(items)
         start = min(max_history, n - 1) if min_history is None else min_history
         for i in range(max(start, 1), n):
@@ -91,17 +93,18 @@ def window_rows(user_items: list[list[int]], user_times: list[list[int]], n_item
             lens.append(len(h))
             target.append(items[i])
             times.append(ts[i])
+            users.append(u)
     return (np.asarray(hist, np.int64).reshape(-1, max_history), np.asarray(lens, np.int64),
-            np.asarray(target, np.int64), np.asarray(times, np.int64))
+            np.asarray(target, np.int64), np.asarray(times, np.int64), np.asarray(users, np.int64))
 
 
-def split_by_time(hist, lens, target, times) -> tuple[Split, Split, Split]:
+def split_by_time(hist, lens, target, times, users=None) -> tuple[Split, Split, Split]:
     """Sort rows by the target's timestamp (stable: ties keep user order), split 80/10/10."""
     order = np.argsort(times, kind="stable")
     n = len(order)
     cuts = [0, int(n * 0.8), int(n * 0.9), n]
-    return tuple(Split(hist[order[a:b]], lens[order[a:b]], target[order[a:b]])
-                 for a, b in zip(cuts[:-1], cuts[1:]))
+    return tuple(Split(hist[order[a:b]], lens[order[a:b]], target[order[a:b]],
+                       None if users is None else users[order[a:b]]) for a, b in zip(cuts[:-1], cuts[1:]))
 
 
 def from_interactions(name: str, users, items, times, raw_titles: dict, domain: str,

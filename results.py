@@ -1,7 +1,8 @@
 """From runs to a table: mean and std over seeds, the paired test (the Wilcoxon signed-rank
-test of per-row NDCG@20, numpy only: its normal approximation is accurate for the thousands
-of rows a table pairs), the verdict that needs both to agree, and the one table formatter
-that every command's table goes through."""
+test of NDCG@20 over users, or over rows where the data has no users; numpy only: its normal
+approximation is accurate for the hundreds of users or thousands of rows a table pairs),
+Holm's correction over a table's comparisons, the verdict that needs the test and the seeds to
+agree, and the one table formatter that every command's table goes through."""
 from __future__ import annotations
 
 import math
@@ -16,13 +17,13 @@ def signed_rank_test(d) -> dict:
     zero differences dropped (m rows remain), tied |d| given their average rank,
         W+ = sum of the ranks of the positive d,
         z = (W+ - m(m+1)/4) / sqrt(m(m+1)(2m+1)/24 - sum_ties (t^3 - t)/48),  p = erfc(|z| / sqrt 2).
-    The approximation is accurate for m above ~50; the tables here pair thousands of rows.
+    The approximation is accurate for m above ~50 (ML-100K's test rows hold 166 users).
     d is rounded to 12 decimals first, so that differences equal up to float rounding tie."""
     d = np.round(np.asarray(d, dtype=float), 12)
     d = d[d != 0]
     m = len(d)
     if m == 0:
-        return {"rows": 0, "W+": 0.0, "z": 0.0, "p": 1.0}
+        return {"pairs": 0, "W+": 0.0, "z": 0.0, "p": 1.0}
     a = np.abs(d)
     values, ties = np.unique(a, return_counts=True)                               # sorted distinct |d|, their counts
     avg_rank = np.cumsum(ties) - (ties - 1) / 2                                   # 1-based average rank per value
@@ -30,16 +31,37 @@ def signed_rank_test(d) -> dict:
     w_plus = float(rank[d > 0].sum())
     var = m * (m + 1) * (2 * m + 1) / 24 - float((ties.astype(float) ** 3 - ties).sum()) / 48
     z = (w_plus - m * (m + 1) / 4) / math.sqrt(var) if var > 0 else 0.0
-    return {"rows": m, "W+": w_plus, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
+    return {"pairs": m, "W+": w_plus, "z": z, "p": math.erfc(abs(z) / math.sqrt(2))}
 
 
-def paired_test(runs_a: list[dict], runs_b: list[dict]) -> dict | None:
-    """a against b over the test rows: per-row NDCG@20 averaged over each side's seeds, then the
-    signed-rank test of the per-row differences (None when a run carries no per-row ranks)."""
+def per_user_mean(x: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """The mean of x [N] over each user's rows, for the users that have rows: [N], [N] -> [U]."""
+    counts = np.bincount(users)
+    return (np.bincount(users, weights=x) / np.maximum(counts, 1))[counts > 0]
+
+
+def paired_test(runs_a: list[dict], runs_b: list[dict], users: np.ndarray | None = None) -> dict | None:
+    """a against b on the same test rows: each row's NDCG@20 averaged over each side's seeds, then
+    the signed-rank test of the differences, over users where the data has them (each user's
+    mean difference over its rows: a user's overlapping windows are not independent), else over
+    rows. None when a run carries no per-row ranks."""
     if not all("test_ranks" in r for r in runs_a + runs_b):
         return None
     mean_a, mean_b = (np.mean([ndcg_per_row(r["test_ranks"]) for r in rs], axis=0) for rs in (runs_a, runs_b))
-    return signed_rank_test(mean_a - mean_b)
+    if users is None:
+        return {**signed_rank_test(mean_a - mean_b), "unit": "rows"}
+    return {**signed_rank_test(per_user_mean(mean_a - mean_b, users)), "unit": "users"}
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down correction of m p-values: the i-th smallest becomes
+    max_{j <= i} min(1, (m - j + 1) p_(j)), in the input's order."""
+    order = np.argsort(ps, kind="stable")
+    m, out, running = len(ps), [0.0] * len(ps), 0.0
+    for j, i in enumerate(order):
+        running = max(running, min(1.0, (m - j) * ps[i]))
+        out[i] = running
+    return out
 
 
 # ============================================================================ seeds, verdicts, tables
@@ -52,32 +74,51 @@ def mean_std(xs):
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
-def verdict(mean_d: float, std_d: float, mean_b: float, std_b: float, seeds: int, p: float | None = None) -> str:
+def verdict(mean_d: float, std_d: float, mean_b: float, std_b: float, seeds: int, p: float | None = None,
+            z: float | None = None) -> str:
     """A gain (or loss) only beyond twice the combined standard deviation of the two means' seeds
-    and, where the paired test ran, with its p below P_LEVEL: both must agree."""
+    and, where the paired test ran, with its (corrected) p below P_LEVEL in the direction of its
+    statistic z: both must agree, or the change is within noise (tests disagree: they point
+    opposite ways)."""
     if seeds < 2:
         return "1 seed: no noise estimate"
     noise = 2 * math.hypot(std_d, std_b)
     if abs(mean_d - mean_b) <= noise or (p is not None and p >= P_LEVEL):
         return "within noise"
-    return "gain" if mean_d > mean_b else "loss"
+    up = mean_d > mean_b
+    if z is not None and (z > 0) != up:
+        return "tests disagree"
+    return "gain" if up else "loss"
 
 
-def compare(line: dict, ref: dict, runs: list[dict], ref_runs: list[dict]) -> dict:
-    """line (a summary line) against ref: the change in NDCG@20, the seeds' verdict, the paired
-    test over the test rows, and the verdict of both."""
+def compare(line: dict, ref: dict, runs: list[dict], ref_runs: list[dict], users=None) -> dict:
+    """line (a summary line) against ref: the change in NDCG@20, the seeds' verdict and the paired
+    test (over users where there are users); `correct` adds the corrected p and the verdict."""
     seeds = min(line["seeds"], ref["seeds"])
     means = (line[NDCG], line[NDCG + "_std"], ref[NDCG], ref[NDCG + "_std"], seeds)
-    paired = paired_test(runs, ref_runs)
     return {"change_NDCG@20": line[NDCG] / ref[NDCG] - 1 if ref[NDCG] > 0 else None,
-            "seed_noise": verdict(*means) if seeds > 1 else "1 seed", "paired": paired,
-            "verdict": verdict(*means, paired["p"] if paired else None)}
+            "seed_noise": verdict(*means) if seeds > 1 else "1 seed", "paired": paired_test(runs, ref_runs, users),
+            "verdict": None, "_means": means}
 
 
-def summarise(runs: list[dict], against: dict | None = None) -> list[dict]:
+def correct(comparisons: list[dict]) -> None:
+    """Holm's correction over one table's comparisons (compare's), then each one's verdict from
+    the corrected p and the statistic's direction."""
+    tested = [c for c in comparisons if c["paired"]]
+    for c, p in zip(tested, holm([c["paired"]["p"] for c in tested])):
+        c["paired"]["p_holm"] = p
+    for c in comparisons:
+        means, pair = c.pop("_means"), c["paired"]
+        c["verdict"] = verdict(*means, pair["p_holm"], pair["z"]) if pair else verdict(*means)
+
+
+def summarise(runs: list[dict], against: dict | None = None, users: np.ndarray | None = None,
+              corrected: bool = True) -> list[dict]:
     """One line per (student, variant): mean and std over seeds; for a variant with a reference
     (against: {variant: reference variant}; default: every variant against "base") its change in
-    NDCG@20, the paired test over the test rows, and whether the change is a gain or a loss."""
+    NDCG@20, the paired test (users: the user of each test row, else rows are the unit), Holm's
+    correction over the lines' tests, and whether the change is a gain or a loss (corrected:
+    False leaves the correction and verdicts to a caller whose table holds more comparisons)."""
     groups: dict = {}
     for r in runs:
         groups.setdefault((r["config"]["student"], r["variant"]), []).append(r)
@@ -93,7 +134,9 @@ def summarise(runs: list[dict], against: dict | None = None) -> list[dict]:
         ref = lines.get((student, ref_name))
         line.update({"against": None, "change_NDCG@20": None, "seed_noise": None, "paired": None, "verdict": None})
         if ref is not None and ref is not line and ref[NDCG] > 0:
-            line.update(against=ref_name, **compare(line, ref, groups[student, variant], groups[student, ref_name]))
+            line.update(against=ref_name, **compare(line, ref, groups[student, variant], groups[student, ref_name], users))
+    if corrected:
+        correct([l for l in lines.values() if l["against"]])
     return list(lines.values())
 
 
@@ -118,9 +161,14 @@ def format_table(lines: list[dict], floor: dict | None = None) -> str:
     for l in lines:
         change = f"{100 * l['change_NDCG@20']:+.1f}% vs {l['against']}" if l["change_NDCG@20"] is not None else None
         rows.append([f"{l['student']} {l['variant']}", l["seeds"], pm(l[HR], l[HR + "_std"]), pm(l[NDCG], l[NDCG + "_std"]),
-                     change, l.get("seed_noise"), f"{l['paired']['p']:.4f}" if l.get("paired") else None,
+                     change, l.get("seed_noise"), f"{l['paired']['p_holm']:.4f}" if l.get("paired") else None,
                      (l["verdict"] or "") + ("" if l["converged"] else " (not converged: epoch cap)")])
-    return format_rows(["", "seeds", HR, NDCG, "change in NDCG@20", "seeds say", "paired p", "verdict"], rows, left=(0, 4, 5, 7), notes=
-                       "test metrics at the epoch of best validation NDCG@20, mean ± std over seeds. A change is a gain "
-                       "or a loss only when both agree: beyond twice the combined std of the seeds, and paired p < "
-                       f"{P_LEVEL} (Wilcoxon signed-rank over the test rows, per-row NDCG@20 averaged over seeds)")
+    unit = next((l["paired"]["unit"] for l in lines if l.get("paired")), "rows")
+    over = ("users (each user's NDCG@20 averaged over its test rows and the seeds)" if unit == "users" else
+            "test rows (the data has no users; per-row NDCG@20 averaged over seeds)")
+    return format_rows(["", "seeds", HR, NDCG, "change in NDCG@20", "seeds say", "p (Holm)", "verdict"], rows,
+                       left=(0, 4, 5, 7), notes=(
+                           "test metrics at the epoch of best validation NDCG@20, mean ± std over seeds. A change is a "
+                           "gain or a loss only when both agree, in the test statistic's direction: beyond twice the "
+                           f"combined std of the seeds, and p < {P_LEVEL} after Holm's correction over the table's "
+                           f"comparisons (Wilcoxon signed-rank over {over})"))

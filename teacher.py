@@ -482,4 +482,5 @@ def add_commands(sub, parent) -> dict:
     e = sub.add_parser("export-official", parents=[parent], help="write a teacher cache as the official files")
     e.add_argument("--teacher", required=True, help="a teacher cache folder")
     e.add_argument("--out", required=True, help="the folder for the official files")
+    e.set_defaults(out_is_folder=True)
     return {"teacher": cmd_run, "teacher-merge": cmd_run, "teacher-bench": cmd_bench, "export-official": cmd_export}

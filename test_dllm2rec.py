@@ -35,7 +35,7 @@ import step as ST
 import students as S
 import teacher as T
 from common import at_the_boundary, from_args, write_json
-from research import ablation as ABL, commands as RC, mechanism as MECH, synthetic as SY
+from research import ablation as ABL, commands as RC, mechanism as MECH, teachers as SY
 
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", "unset: set DLLM2REC_ML100K"))
 LASTFM = Path(os.environ.get("DLLM2REC_LASTFM", "unset: set DLLM2REC_LASTFM"))
@@ -44,7 +44,7 @@ needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and im
 
 
 # ============================================================================ helpers and fixtures
-RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench")   # `python -m research`'s commands
+RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher")   # python -m research
 
 
 def main(argv):
@@ -230,15 +230,17 @@ def sample_tokens(model_path):
 def test_windowing_and_split_on_hand_made_rows():
     seqs = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
     times = [[1, 2, 3], list(range(10, 23))]
-    hist, lens, target, t = data.window_rows(seqs, times, n_items=20)
-    assert target.tolist() == [3, 14, 15, 16]            # <= 11 items: one row; else from i = 10
+    hist, lens, target, t, user = data.window_rows(seqs, times, n_items=20)
+    assert target.tolist() == [3, 14, 15, 16] and user.tolist() == [0, 1, 1, 1]   # <= 11 items: one row; else from i = 10
     assert hist[0].tolist() == [1, 2] + [20] * 8 and lens[0] == 2
     assert hist[1].tolist() == list(range(4, 14)) and hist[3].tolist() == list(range(6, 16))
-    h, l, tg, tm = data.window_rows([list(range(12))], [list(range(12))], 20, min_history=10)
+    h, l, tg, tm, u = data.window_rows([list(range(12))], [list(range(12))], 20, min_history=10)
     assert tg.tolist() == [10, 11]
     n = 20
-    tr, va, te = data.split_by_time(np.arange(n)[:, None], np.ones(n, int), np.arange(n), np.arange(n)[::-1].copy())
+    tr, va, te = data.split_by_time(np.arange(n)[:, None], np.ones(n, int), np.arange(n), np.arange(n)[::-1].copy(),
+                                    np.arange(n) % 3)
     assert tr.target.tolist() == list(range(19, 3, -1)) and va.target.tolist() == [3, 2] and te.target.tolist() == [1, 0]
+    assert te.user.tolist() == [1, 0] and va.user.tolist() == [0, 2]                # each row keeps its user
 
 
 def test_movielens_100k_reader(tmp_path):
@@ -248,6 +250,7 @@ def test_movielens_100k_reader(tmp_path):
     assert ds.n_items == 12 and ds.titles[0] == "Misérables 1"
     assert len(ds.train) + len(ds.val) + len(ds.test) == 4   # 2 users x (12 - 10) rows
     assert ds.train.hist[0].tolist() == list(range(10))
+    assert ds.train.user.tolist() == [0, 0, 1] and ds.test.user.tolist() == [1]   # users 1, 2 in sorted order
 
 
 def test_movielens_dat_reader(tmp_path):
@@ -294,6 +297,7 @@ def test_official_rows_reader(tmp_path, fmt):
     ds = data.load_dataset(str(tmp_path))
     assert ds.n_items == 5 and ds.titles[4] == "Title 4"
     assert ds.train.lens.tolist() == [2, 0] and ds.train.target.tolist() == [3, 0]
+    assert ds.train.user is None and ds.test.user is None          # the official rows carry no users
     (tmp_path / "train_data.csv").write_text('seq,len_seq,next\n"[1, 2, 9, 5, 5, 5, 5, 5, 5, 5]",3,1\n')
     with pytest.raises(data.DataError, match=r"train_data.csv row 1: item id outside"):
         data.load_dataset(str(tmp_path))
@@ -762,12 +766,43 @@ def test_a_gain_needs_the_paired_test_to_agree_with_the_seeds():
     assert R.verdict(0.030, 0.001, 0.040, 0.002, 3, p=0.01) == "loss"
 
 
+def test_a_verdict_takes_its_direction_from_the_statistic():
+    """A mean up by more than the seeds' noise, with a significant test whose statistic says the
+    other way (many users a little worse, a few much better), is no gain."""
+    assert R.verdict(0.0515, 0.001, 0.040, 0.001, 3, p=1e-8, z=-5.5) == "tests disagree"
+    assert R.verdict(0.0515, 0.001, 0.040, 0.001, 3, p=1e-8, z=5.5) == "gain"
+    assert R.verdict(0.030, 0.001, 0.040, 0.001, 3, p=1e-8, z=-5.5) == "loss"
+
+
+def test_holm_on_a_small_list():
+    # sorted .01 .02 .03 .04 times 4 3 2 1: .04 .06 .06 .04 -> running max .04 .06 .06 .06
+    assert R.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert R.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and R.holm([0.2]) == [0.2] and R.holm([]) == []
+
+
+def test_the_paired_test_over_users_averages_each_users_rows_and_seeds():
+    """Two users: user 0 with rows 0, 1, 3, user 1 with row 2 (and user 2 with none). By hand:
+    per-row NDCG@20 of a (2 seeds) and b (1 seed), the differences averaged per user."""
+    ndcg = lambda r: 1 / math.log2(r + 2) if r < 20 else 0.0
+    a = [fake_run("s", "a", 0, [0, 1, 30, 3]), fake_run("s", "a", 1, [2, 1, 30, 25])]
+    b = [fake_run("s", "b", 0, [0, 5, 0, 40])]
+    users = np.array([0, 0, 1, 0])
+    rows = [(ndcg(x) + ndcg(y)) / 2 - ndcg(z) for x, y, z in zip([0, 1, 30, 3], [2, 1, 30, 25], [0, 5, 0, 40])]
+    per_user = [(rows[0] + rows[1] + rows[3]) / 3, rows[2]]
+    got = R.paired_test(a, b, users)
+    assert got == {**R.signed_rank_test(per_user), "unit": "users"} and got["pairs"] == 2
+    assert R.signed_rank_test(per_user)["W+"] == 1.0           # user 0 up (+, smaller |d|), user 1 down
+    assert R.paired_test(a, b)["pairs"] == 4 and R.paired_test(a, b)["unit"] == "rows"
+    lines = R.summarise(a + b, {"a": "b"}, users)
+    assert lines[0]["paired"]["unit"] == "users" and "over users" in R.format_table(lines)
+
+
 def test_signed_rank_test_against_a_hand_computation():
     # d = .5 -.2 .2 0 1 .3 -.1: the 0 is dropped, m = 6; |d| ranked .1:1 .2,.2:2.5,2.5 .3:4 .5:5 1:6
     # W+ = 5 + 2.5 + 6 + 4 = 17.5; mean m(m+1)/4 = 10.5; var 6*7*13/24 - (2^3 - 2)/48 = 22.75 - 0.125
     t = R.signed_rank_test([0.5, -0.2, 0.2, 0.0, 1.0, 0.3, -0.1])
     z = 7 / math.sqrt(22.625)                                   # 1.4717
-    assert (t["rows"], t["W+"]) == (6, 17.5) and t["z"] == pytest.approx(z)
+    assert (t["pairs"], t["W+"]) == (6, 17.5) and t["z"] == pytest.approx(z)
     assert t["p"] == pytest.approx(0.1411, abs=5e-4)           # 2 (1 - Phi(1.4717)), from a normal table
     # the other direction: the same |z|, the same p; no difference at all: p = 1
     assert R.signed_rank_test([-0.5, 0.2, -0.2, 0.0, -1.0, -0.3, 0.1])["z"] == pytest.approx(-z)
@@ -783,7 +818,7 @@ def test_signed_rank_test_matches_scipy():
     ours = R.signed_rank_test(d)
     theirs = stats.wilcoxon(d, zero_method="wilcox", correction=False, method="approx")
     assert ours["p"] == pytest.approx(theirs.pvalue, rel=1e-9)
-    assert min(ours["W+"], ours["rows"] * (ours["rows"] + 1) / 2 - ours["W+"]) == pytest.approx(theirs.statistic)
+    assert min(ours["W+"], ours["pairs"] * (ours["pairs"] + 1) / 2 - ours["W+"]) == pytest.approx(theirs.statistic)
 
 
 def fake_run(student, variant, seed, ranks):
@@ -803,11 +838,12 @@ def test_summarise_pairs_each_variant_with_its_reference_over_seed_averaged_rows
     lines = {l["variant"]: l for l in R.summarise(runs, {"dllm2rec": "base", "dllm2rec-no_wp": "dllm2rec"})}
     full = lines["dllm2rec"]
     want = R.signed_rank_test(np.mean([metrics.ndcg_per_row(r) for r in better], 0) - np.mean([metrics.ndcg_per_row(r) for r in base], 0))
-    assert full["against"] == "base" and full["paired"] == want and full["paired"]["p"] < 1e-6
+    assert full["against"] == "base" and full["paired"] == {**want, "unit": "rows", "p_holm": 2 * want["p"]}
+    assert full["paired"]["p"] < 1e-6
     assert lines["dllm2rec-no_wp"]["against"] == "dllm2rec" and lines["dllm2rec-no_wp"]["paired"]["p"] == 1.0
     assert lines["dllm2rec-no_wp"]["verdict"] == "within noise" and lines["base"]["against"] is None
     assert metrics.ndcg_per_row(base[0]).mean() == pytest.approx(runs[0]["test"]["NDCG@20"])
-    assert "paired p" in R.format_table(list(lines.values()))
+    assert "p (Holm)" in R.format_table(list(lines.values())) and "over test rows" in R.format_table(list(lines.values()))
 
 
 def test_ranking_share_is_lam_times_coverage():
@@ -962,27 +998,89 @@ def test_end_to_end_a_planted_teacher_helps_and_a_random_one_still_trains(ml100k
     assert all(math.isfinite(e["loss"]) for e in noise["epochs"]) and noise["test"]["HR@20"] > 0.01
 
 
-def test_synthetic_teacher_has_the_quality_it_is_built_with():
+def slow_good_candidates(ds, K):
+    """The quality-1 ranking, one row at a time: count (last item -> target) over the training
+    rows, then sort all items by count + popularity (stable), most first."""
+    counts = {}
+    for h, l, t in zip(ds.train.hist, ds.train.lens, ds.train.target):
+        if l > 0:
+            counts[h[l - 1], t] = counts.get((h[l - 1], t), 0) + 1
+    pop = np.bincount(ds.train.target, minlength=ds.n_items) / len(ds.train)
+    out = []
+    for h, l in zip(ds.train.hist, ds.train.lens):
+        score = [(counts.get((h[l - 1], j), 0) if l > 0 else 0) + pop[j] for j in range(ds.n_items)]
+        out.append(sorted(range(ds.n_items), key=lambda j: -score[j])[:K])
+    return np.array(out)
+
+
+def test_synthetic_teachers_see_the_training_rows_only():
+    """Every validation and test row removed (or replaced): the same candidates, distances and
+    item features, for every quality, both confidences and the mixed teacher."""
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
-    counts = SY.transition_counts(ds)
-    assert counts.sum() == 520                       # every row of every split, held-out rows included
-    last = ds.train.hist[np.arange(400), ds.train.lens - 1]
-    pop = np.bincount(ds.train.target, minlength=30) / 400
-    good = SY.synthetic_teacher(ds, 1.0, counts, top_n=10)
-    assert (good.splits["train"].ids[:, 0] == np.argmax(counts[last] + pop, axis=1)).all()
-    assert (np.diff(good.splits["train"].dist, axis=1) >= 0).all()   # nearest first
-    hit = lambda t: np.mean([ds.train.target[r] in t.splits["train"].ids[r] for r in range(400)])
-    bad = SY.synthetic_teacher(ds, 0.0, counts, top_n=10)
-    assert hit(good) > 0.75 and hit(bad) < 0.45      # random: 10 of 30 items hold the target a third of the time
+    other = tiny_dataset(n_items=30, rows=(400, 60, 60), seed=9)
+    blind = data.Dataset(ds.name, ds.n_items, ds.titles, ds.train, other.val, other.test)
+    empty = data.Split(np.zeros((0, 10), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    alone = data.Dataset(ds.name, ds.n_items, ds.titles, ds.train, empty, empty)
+    assert (SY.good_candidates(ds, SY.transition_counts(ds), 10) == slow_good_candidates(ds, 10)).all()
+    assert SY.transition_counts(ds).sum() == (ds.train.lens > 0).sum()             # the training rows alone
+    for make in [lambda d, q=q, c=c: SY.synthetic_teacher(d, q, 10, c, seed=3) for q in (1.0, 0.5, 0.0)
+                 for c in SY.CONFIDENCE] + [lambda d: SY.mixed_teacher(d, 10, "flat", seed=3)]:
+        t = make(ds)
+        for d in (blind, alone):
+            u = make(d)
+            assert np.array_equal(t.item_emb, u.item_emb) and C.checksum(t) == C.checksum(u)
+    z = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    train = lambda d: SY.retrieval_teacher(d, z, 12, 0.8, "r").splits["train"]
+    assert all(np.array_equal(getattr(train(ds), k), getattr(train(alone), k)) for k in ("ids", "dist"))
+
+
+@pytest.mark.parametrize("confidence", SY.CONFIDENCE)
+def test_quality_is_the_share_of_good_candidates_at_every_q(confidence):
+    """At quality q each row holds exactly round(q K) of its quality-1 candidates among its K and
+    random items outside them; honest: the good ones first and nearer; flat: one distance
+    distribution, the good ones at every rank."""
+    ds = tiny_dataset(n_items=40, rows=(500, 20, 20))
+    K = 10
+    good = slow_good_candidates(ds, K)
+    for q in np.linspace(0, 1, 11):
+        t = SY.synthetic_teacher(ds, float(q), K, confidence, seed=1).splits["train"]
+        is_good = np.array([[c in set(g) for c in row] for row, g in zip(t.ids, good)])
+        k = int(np.floor(q * K + 0.5))
+        assert (is_good.sum(1) == k).all() and t.ids.shape == (500, K)
+        assert all(len(set(row)) == K for row in t.ids) and (np.diff(t.dist, axis=1) >= 0).all()
+        if confidence == "honest":
+            assert is_good[:, :k].all() and (t.ids[:, :k] == good[:, :k]).all()
+            assert k in (0, K) or t.dist[:, k - 1].max() < t.dist[:, k].min()
+        elif 0 < k < K:
+            assert is_good.any(0).all() and (~is_good).any(0).all()             # good and random at every rank
+            assert abs(is_good.mean(0) - k / K).max() < 0.1                     # ranks drawn at random
 
 
 def test_synthetic_teacher_gives_rows_with_an_empty_history_the_most_popular_items():
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
     empty = np.arange(0, 400, 7)                     # all padding, len_seq 0, as LLaRA's LastFM rows read
     ds.train.hist[empty], ds.train.lens[empty] = ds.n_items, 0
-    t = SY.synthetic_teacher(ds, 1.0, SY.transition_counts(ds), top_n=5)
+    t = SY.synthetic_teacher(ds, 1.0, 5)
     popular = np.argsort(-np.bincount(ds.train.target, minlength=30), kind="stable")[:5]
     assert (t.splits["train"].ids[empty] == popular).all() and len(t.splits["train"].rows) == 400
+
+
+def test_retrieval_teacher_equals_brute_force_nearest_items():
+    """Each row's candidates: the items nearest (L2) to decay-weighted mean of its history's z,
+    the history left out, nearest first, with those distances."""
+    ds = tiny_dataset(n_items=30, rows=(50, 10, 10))
+    z = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
+    t = SY.retrieval_teacher(ds, z, 8, 0.5, "r")
+    for name in ("train", "val", "test"):
+        split, got = getattr(ds, name), t.splits[name]
+        for r in range(len(split)):
+            items = split.hist[r, :split.lens[r]]
+            w = np.array([0.5 ** (len(items) - 1 - j) for j in range(len(items))])
+            h = (w[:, None] * z[items].astype(np.float64)).sum(0) / w.sum()
+            d = {j: float(np.linalg.norm(h - z[j])) for j in range(30) if j not in set(items)}
+            want = sorted(d, key=lambda j: (d[j], j))[:8]
+            assert got.ids[r].tolist() == want and got.dist[r] == pytest.approx([d[j] for j in want], rel=1e-5)
+    assert (SY.history_embedding(ds.train, z, 1.0)[0] == pytest.approx(z[ds.train.hist[0, :ds.train.lens[0]]].mean(0)))
 
 
 def test_mechanism_command_runs_on_rows_with_an_empty_history(monkeypatch, capsys):
@@ -1022,13 +1120,37 @@ def test_mechanism_command_prints_a_row_per_teacher_with_the_paired_test(tmp_pat
     assert "short of convergence" not in capsys.readouterr().out
 
 
-def test_mixed_teacher_is_the_oracle_on_half_the_rows_and_random_on_the_rest():
+def test_retrieval_teacher_command_writes_a_cache_train_distils(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=35, rows=(300, 40, 40))
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    src = random_teacher(ds)
+    C.write_cache(tmp_path / "llm", ds, src.item_emb, src.splits, {"model": "random"})
+    for n, message in (("26", "--top-n 26: more than the 25 items outside a history"), ("12", "--top-n 12: fewer than")):
+        with pytest.raises(SystemExit, match=message):
+            main(["retrieval-teacher", "--item-embeddings", str(tmp_path / "llm"), "--out", str(tmp_path / "r"), "--top-n", n])
+    main(["retrieval-teacher", "--item-embeddings", str(tmp_path / "llm"), "--out", str(tmp_path / "r"),
+          "--decays", "1", "0.5"])
+    printed = capsys.readouterr().out
+    t = C.load_teacher(tmp_path / "r", ds)
+    chosen = t.manifest["teacher"]["decay"]
+    want = SY.retrieval_teacher(ds, src.item_emb, 20, chosen, "r")
+    assert all(np.array_equal(t.splits[n].ids, want.splits[n].ids) for n in ("train", "val", "test"))
+    assert "not BIGRec's generation" in t.manifest["teacher"]["kind"] and f"chosen: decay {chosen:g}" in printed
+    val = {d: C.teacher_metrics(SY.retrieval_teacher(ds, src.item_emb, 20, d, "r").splits["val"], ds.val.target)
+           for d in (1.0, 0.5)}
+    assert val[chosen]["NDCG@20"] == max(v["NDCG@20"] for v in val.values())       # chosen on validation
+    out = main(["train", "--teacher", str(tmp_path / "r"), "--students", "sasrec", "--epochs", "1", "--batch-size", "64",
+                "--out", str(tmp_path / "res.json")])
+    assert [l["variant"] for l in out["summary"]] == ["base", "dllm2rec"]
+
+
+def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
-    counts = SY.transition_counts(ds)
-    mixed, good, bad = SY.mixed_teacher(ds, counts), SY.synthetic_teacher(ds, 1.0, counts), SY.synthetic_teacher(ds, 0.0, counts, seed=1)
+    mixed = SY.mixed_teacher(ds, 10, seed=4)
+    good, bad = SY.synthetic_teacher(ds, 1.0, 10, seed=4), SY.synthetic_teacher(ds, 0.0, 10, seed=5)
     same_good = (mixed.splits["train"].ids == good.splits["train"].ids).all(1)
     same_bad = (mixed.splits["train"].ids == bad.splits["train"].ids).all(1)
-    assert same_good.sum() == 200 and (same_good | same_bad).all() and mixed.manifest["oracle_rows"] == 200
+    assert same_good.sum() == 200 and (same_good | same_bad).all() and mixed.manifest["right_rows"] == 200
 
 
 def test_plot_is_refused_in_one_line_without_matplotlib(monkeypatch, tmp_path):
@@ -1211,8 +1333,9 @@ def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["train", "--k", "30", "--teacher", "T"], "--k 30: more than the 12 candidates per row the teacher keeps"),
     (["reproduce", "--top-n", "5"], "--k 10: more than the 5 candidates per row"),
-    (["mechanism", "--k", "30"], "--k 30: more than the 20 candidates"),
-    (["ablation", "--k", "30"], "--k 30: more than the 20 candidates"),
+    (["mechanism", "--k", "30"], "--k 30: the synthetic teachers need 2 x --k items"),
+    (["ablation", "--k", "21"], "--k 21: the synthetic teachers need 2 x --k items (K good ones and K random items "
+                                "outside them); tiny has 40"),
     (["mechanism", "--students", "sasrec,dros"], "the mechanism check trains one student"),
     (["train", "--ablations", "no_wp"], "need --teacher"), (["train", "--no-baseline"], "need --teacher"),
     (["reproduce", "--zero-shot", "--lora", "A"], "--zero-shot with --lora"),

@@ -4,6 +4,7 @@ ranking term acts on every row: synthetic teachers covering all training rows, e
 convergence, over seeds, each change with the paired test."""
 from __future__ import annotations
 
+import copy
 from dataclasses import fields
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import runs
 import students
 from common import write_json
 from dllm2rec import ABLATIONS, Config
-from research import plots, synthetic
-from results import format_table, summarise
+from research import plots, teachers
+from results import correct, format_table, summarise
 
 # the official switches measured per student: official_dro acts only with the DRO term, the others on any student
 OFFICIAL_SWITCHES = {"plain": ("official_weights", "official_neg", "official_protocol"),
@@ -39,33 +40,37 @@ def ablation_variants(student: str, tables: list[str]) -> tuple[list[dict], dict
 
 
 def cmd_ablation(args, ds) -> dict:
-    p = cli.plan(args, ds, synthetic.SYNTHETIC_TOP_N)
+    p = cli.plan(args, ds, None)
+    teachers.check_room(ds, p.cfg.K)
     plots.check_plot(args.plot)
-    counts = synthetic.transition_counts(ds)
+    counts = teachers.transition_counts(ds)
+    good = teachers.good_candidates(ds, counts, p.cfg.K)
     plans = {s: ablation_variants(s, args.tables) for s in p.students}
     clock = runs.RunClock(len(args.qualities) * p.seeds * sum(len(v) for v, _ in plans.values()), p.shard)
-    print(f"{ds.summary()}\nDIAGNOSTIC teachers (they see held-out transitions) covering all {len(ds.train)} "
-          f"training rows, qualities {', '.join(map(str, args.qualities))}; {', '.join(p.students)}; {p.seeds} "
+    print(f"{ds.summary()}\nDIAGNOSTIC teachers from the training rows' transitions covering all {len(ds.train)} "
+          f"training rows, qualities {', '.join(map(str, args.qualities))}, {args.confidence} confidence; "
+          f"{', '.join(p.students)}; {p.seeds} "
           f"seeds; until validation NDCG@20 has not improved for {p.cfg.patience} epochs (at most {p.cfg.epochs}); "
           f"{clock} on {p.device}")
     against = {k: v for _, a in plans.values() for k, v in a.items()}
     out = {}
     for q in args.qualities:
-        t = synthetic.synthetic_teacher(ds, q, counts, seed=p.cfg.seed)
+        t = teachers.synthetic_teacher(ds, q, p.cfg.K, args.confidence, p.cfg.seed, counts, good)
         print(f"\nteacher: {t.source}, covers {len(t.splits['train'].rows)} of {len(ds.train)} training rows",
               flush=True)
         trained = runs.train(p, ds, t, {s: v for s, (v, _) in plans.items()}, clock=clock)
         if p.shard:
             out[str(q)] = {"runs": trained}
             continue
-        summary = summarise(trained, against)
-        for table in args.tables:
-            keep = [l for l in summary if table == "ablations" and "--" not in l["variant"]
-                    or table == "differences" and (l["variant"] == "dllm2rec" or "--" in l["variant"])]
-            print(f"\n{table} on {ds.name}, teacher quality {q} ({'random' if q == 0 else 'diagnostic'}), all "
-                  f"{len(ds.test)} test rows")
+        summary, tables = summarise(trained, against, ds.test.user, corrected=False), {}
+        for table in args.tables:          # Holm's correction over each printed table's comparisons
+            tables[table] = keep = copy.deepcopy([l for l in summary if table == "ablations" and "--" not in l["variant"]
+                                                  or table == "differences" and (l["variant"] == "dllm2rec" or "--" in l["variant"])])
+            correct([l for l in keep if l["against"]])
+            print(f"\n{table} on {ds.name}, teacher quality {q} ({'random' if q == 0 else 'synthetic'}, "
+                  f"{args.confidence} confidence), all {len(ds.test)} test rows")
             print(format_table(keep))
-        out[str(q)] = {"summary": summary, "runs": trained}
+        out[str(q)] = {"summary": [l for keep in tables.values() for l in keep], "tables": tables, "runs": trained}
         if args.plot:
             path = Path(args.plot)
             plots.plot_ablation(summary, f"{ds.name}, teacher quality {q}, {p.seeds} seeds",

@@ -6,11 +6,18 @@ import cli
 import students
 from common import at_least, between, checked, choice_list
 from dllm2rec import Config
-from research import ablation, bench, compare, mechanism
+from research import ablation, bench, compare, mechanism, retrieval, teachers
+
+
+def confidence_flag(p) -> None:
+    p.add_argument("--confidence", choices=teachers.CONFIDENCE, default="honest",
+                   help="the synthetic teachers' distances: honest (random candidates farther, ranked below the good "
+                        "ones) or flat (one distance distribution for both, random ranks: only w_o can tell them apart)")
 
 
 def add_commands(sub, parent) -> dict:
-    """mechanism, ablation, compare-teachers and bench on the subparsers sub; {name: function(args, ds)}."""
+    """mechanism, ablation, compare-teachers, bench and retrieval-teacher on the subparsers sub;
+    {name: function(args, ds)}."""
     mc = sub.add_parser("mechanism", parents=[parent],
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
     cli.student_flags(mc)
@@ -18,8 +25,10 @@ def add_commands(sub, parent) -> dict:
     mixed_or_quality = lambda text: "mixed" if text == "mixed" else quality(text)
     mixed_or_quality.__name__ = "quality"
     mc.add_argument("--qualities", type=mixed_or_quality, nargs="+", default=[1.0, 0.3, 0.0, "mixed"],
-                    help="from 1 (knows the held-out transitions) to 0 (random), and 'mixed': quality 1 on a random "
-                         "half of the rows, random advice on the rest (an LLM right for some users, not others)")
+                    help="the share of good candidates among each row's K, from 1 (the training rows' most frequent "
+                         "next items) to 0 (random), and 'mixed': quality 1 on a random half of the rows, random "
+                         "advice on the rest (an LLM right for some users, not others)")
+    confidence_flag(mc)
     mc.add_argument("--variants", type=choice_list([v[0] for v in mechanism.VARIANTS]),
                     default=[v[0] for v in mechanism.VARIANTS],
                     help="comma-separated, from " + ",".join(f"{k} ({label})" for k, label, _ in mechanism.VARIANTS))
@@ -32,8 +41,9 @@ def add_commands(sub, parent) -> dict:
     ab = sub.add_parser("ablation", parents=[parent],
                         help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
     cli.student_flags(ab)
-    ab.add_argument("--qualities", type=quality, nargs="+", default=[0.5, 0.0],
-                    help="diagnostic teachers' qualities (0: the random teacher)")
+    ab.add_argument("--qualities", type=quality, nargs="+", default=[1.0, 0.0],
+                    help="synthetic teachers' qualities, the share of good candidates (0: the random teacher)")
+    confidence_flag(ab)
     ab.add_argument("--tables", type=choice_list(("ablations", "differences")), default=["ablations", "differences"],
                     help="comma-separated, from ablations,differences")
     ab.add_argument("--plot", help="also write a PNG per quality (FILE with -q<quality> before .png): bars with "
@@ -63,8 +73,18 @@ def add_commands(sub, parent) -> dict:
     b.add_argument("--device", default="auto")
     b.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     b.add_argument("--out", help="also write the figures to this JSON file")
+    rt = sub.add_parser("retrieval-teacher", parents=[parent],
+                        help="a teacher cache from LLM title embeddings: each row's items nearest its history")
+    rt.add_argument("--item-embeddings", required=True, metavar="CACHE",
+                    help="a teacher cache folder whose title embeddings z_i serve (e.g. the single command's)")
+    rt.add_argument("--out", required=True, help="the teacher cache folder to write")
+    rt.add_argument("--top-n", type=checked(int, at_least(1)), default=20, help="candidates kept per row")
+    rt.add_argument("--decays", type=checked(float, lambda d: None if 0 < d <= 1 else "must be in (0, 1]"), nargs="+",
+                    default=[1.0, 0.8, 0.6, 0.4], help="recency decays of the history embedding, the best on the "
+                                                       "validation rows kept (1: the plain mean)")
+    rt.set_defaults(out_is_folder=True)
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
-            "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench}
+            "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval}
 
 
 def main(argv=None):

@@ -11,18 +11,19 @@ import cli
 import runs
 from common import UserError, write_json
 from dllm2rec import Config
-from research import plots, synthetic
-from results import P_LEVEL, compare, format_rows, summarise
+from research import plots, teachers
+from results import P_LEVEL, compare, correct, format_rows, summarise
 
 VARIANTS = (("full", "full DLLM2Rec", "none"), ("uniform", "uniform w_r", "no_weights"),
             ("ranking", "ranking only", "no_embed"), ("embedding", "embedding only", "no_rank"))
 
 
-def teachers(ds, qualities, seed: int) -> list[tuple[str, object]]:
+def make_teachers(ds, qualities, K: int, confidence: str, seed: int) -> list[tuple[str, object]]:
     """(name, teacher): one diagnostic teacher per entry of qualities (a quality, or "mixed")."""
-    counts = synthetic.transition_counts(ds)
-    return [("mixed", synthetic.mixed_teacher(ds, counts, seed=seed)) if q == "mixed" else
-            (f"{q:.2f}", synthetic.synthetic_teacher(ds, q, counts, seed=seed)) for q in qualities]
+    counts = teachers.transition_counts(ds)
+    good = teachers.good_candidates(ds, counts, K)
+    return [("mixed", teachers.mixed_teacher(ds, K, confidence, seed)) if q == "mixed" else
+            (f"{q:.2f}", teachers.synthetic_teacher(ds, q, K, confidence, seed, counts, good)) for q in qualities]
 
 
 def cmd_mechanism(args, ds) -> dict:
@@ -30,16 +31,17 @@ def cmd_mechanism(args, ds) -> dict:
         raise UserError(f"--students {','.join(args.students)}: the mechanism check trains one student")
     if args.converged:                       # the method's patience; an explicit larger --epochs is kept
         args.epochs, args.patience = max(args.epochs, Config.epochs), Config.patience
-    p = cli.plan(args, ds, synthetic.SYNTHETIC_TOP_N)
+    p = cli.plan(args, ds, None)
+    teachers.check_room(ds, p.cfg.K)
     plots.check_plot(args.plot)
     cfg = p.cfg
     short = cfg.epochs < Config.epochs or cfg.patience < Config.patience
-    student, made = args.students[0], teachers(ds, args.qualities, cfg.seed)
+    student, made = args.students[0], make_teachers(ds, args.qualities, cfg.K, args.confidence, cfg.seed)
     chosen = [(label, a) for key, label, a in VARIANTS if key in args.variants]
     variants = [{"distilled": True, "ablation": a, "label": label} for label, a in chosen]
     clock = runs.RunClock(p.seeds * (1 + len(made) * len(variants)), p.shard)
-    print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers built from transitions that include the validation "
-          f"and test rows, covering every training row. {student}, {p.seeds} seeds, until validation NDCG@20 has "
+    print(f"{ds.summary()}\nDIAGNOSTIC: synthetic teachers from the training rows' transitions, covering every "
+          f"training row, {args.confidence} confidence. {student}, {p.seeds} seeds, until validation NDCG@20 has "
           f"not improved for {cfg.patience} epochs (at most {cfg.epochs}"
           f"{', short of convergence: --converged trains to it' if short else ''}); test NDCG@20; {clock} on {p.device}")
     base_runs = runs.train(p, ds, None, [{}], clock=clock)
@@ -52,19 +54,22 @@ def cmd_mechanism(args, ds) -> dict:
         return {"runs": all_runs}
     against = {label: "base" for label, _ in chosen}
     both = {"full", "uniform"} <= set(args.variants)          # full DLLM2Rec against uniform weights
-    table = {}
+    table, users = {}, ds.test.user
     for name, trained in teacher_runs.items():
-        lines = {l["variant"]: l for l in summarise(base_runs + trained, against)}
+        lines = {l["variant"]: l for l in summarise(base_runs + trained, against, users, corrected=False)}
         table[name] = {"cells": {label: lines[label] for label, _ in chosen}}
         if both:
             full, uniform = (lines[v] for v in ("full DLLM2Rec", "uniform w_r"))
             pick = lambda v: [r for r in trained if r["variant"] == v]
-            table[name]["full_vs_uniform"] = compare(full, uniform, pick(full["variant"]), pick(uniform["variant"]))
+            table[name]["full_vs_uniform"] = compare(full, uniform, pick(full["variant"]), pick(uniform["variant"]), users)
+    correct([c for row in table.values() for c in [*row["cells"].values(), row.get("full_vs_uniform")] if c])
     base = summarise(base_runs)[0]
     print(f"\nbase {student}: test NDCG@20 {base['NDCG@20']:.4f} ± {base['NDCG@20_std']:.4f} over {base['seeds']} seeds "
           f"(selected epochs {base['epochs']}){'' if base['converged'] else ' *'}")
+    print(f"{args.confidence} confidence (README: the research diagnostics); quality q: round(q K) of each row's "
+          f"K = {cfg.K} candidates are good")
     print(format_table(table, [label for label, _ in chosen], both, cfg.epochs, base["converged"]))
-    out = {"base": base, "teachers": table, "epochs": cfg.epochs, "patience": cfg.patience, "seeds": p.seeds,
+    out = {"base": base, "teachers": table, "confidence": args.confidence, "epochs": cfg.epochs, "patience": cfg.patience, "seeds": p.seeds,
            "runs": all_runs}
     if args.plot:
         plots.plot_mechanism(table, base, Path(args.plot))
@@ -84,7 +89,7 @@ def format_table(table: dict, labels: list[str], both: bool, epochs: int, base_c
             cells += [f"{c['NDCG@20']:.4f}{'' if c['converged'] else '*'}", pct(c["change_NDCG@20"]), c["verdict"]]
         if both:
             fu = row["full_vs_uniform"]
-            cells += [pct(fu["change_NDCG@20"]), f"p {fu['paired']['p'] if fu['paired'] else math.nan:.3f}",
+            cells += [pct(fu["change_NDCG@20"]), f"p {fu['paired']['p_holm'] if fu['paired'] else math.nan:.3f}",
                       fu["verdict"]]
         rows.append(cells)
     header = ["teacher"] + [h for label in labels for h in (label, "change", "verdict")]
@@ -92,5 +97,6 @@ def format_table(table: dict, labels: list[str], both: bool, epochs: int, base_c
     capped = not (base_converged and all(c["converged"] for row in table.values() for c in row["cells"].values()))
     return format_rows(header, rows, notes=(
         "cells: test NDCG@20, its change over the base student and the verdict (beyond twice the combined seed "
-        f"std AND paired p < {P_LEVEL}); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K"
+        f"std AND paired p < {P_LEVEL} after Holm's correction over the table's comparisons, in the statistic's "
+        "direction); full vs uniform: full DLLM2Rec against uniform weights w_r = 1/K"
         + (f"; *: a seed stopped at the epoch cap ({epochs}), not converged" if capped else "")))
