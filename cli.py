@@ -69,8 +69,8 @@ def split_flags(p) -> None:
                    help="i/n: train every n-th run of the command, from the i-th (0-based, as the teacher's "
                         "--shard), write them to --out and print no table; shards run side by side")
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
-                   help="results files of earlier runs (e.g. of every --shard): a run of the same data, teacher "
-                        "outputs and settings is taken from there, not trained again")
+                   help="results files of earlier runs (.json or .json.gz, e.g. of every --shard): a run of the "
+                        "same data, teacher outputs and settings is taken from there, not trained again")
 
 
 def config(args) -> Config:

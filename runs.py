@@ -4,6 +4,7 @@ results files (--reuse), so that n shards and one merge print the table of one c
 Also the results file every training command writes."""
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import time
@@ -71,7 +72,7 @@ def run_key(fingerprint: str, teacher_checksum: str | None, config: dict, captur
 
 
 def earlier_runs(paths: list[str], ds) -> dict[str, dict]:
-    """The runs in results files (of train, mechanism, ablation, at any depth) on this data:
+    """The runs in results files (of train, mechanism, ablation, at any depth; .json or .json.gz) on this data:
     {run_key: run}, a run that stopped on patience also under its key without the epoch cap
     (see find_earlier); a file unreadable or without such runs is named."""
     found = {}
@@ -93,8 +94,9 @@ def earlier_runs(paths: list[str], ds) -> dict[str, dict]:
     for path in paths:
         before = len(found)
         try:
-            walk(json.loads(Path(path).read_text()), path)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+            walk(json.loads(text), path)
+        except (OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"--reuse {path}: unreadable or not valid JSON ({e})") from None
         if len(found) == before:
             raise UserError(f"--reuse {path}: no runs on {ds.name} (fingerprint {ds.fingerprint}) with their teacher's "

@@ -125,8 +125,9 @@ def ml100k():
 
 
 def planted_teacher(ds, n=20, d_llm=32):
-    """Knows item-to-next-item transitions counted over all rows, the later (val, test) ones
-    weighted up: something the training rows alone cannot teach."""
+    """A PLANTED ORACLE, for a test that the pipe carries information, never for a measurement: it
+    knows item-to-next-item transitions counted over all rows, the later (val, test) ones weighted
+    up, which the training rows alone cannot teach."""
     counts = np.zeros((ds.n_items + 1, ds.n_items), np.float32)
     for split, weight in ((ds.train, 1), (ds.val, 100), (ds.test, 100)):
         last = split.hist[np.arange(len(split)), np.maximum(split.lens - 1, 0)]
@@ -1208,7 +1209,8 @@ def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monk
     trained = []
     real_fit = D.fit
     monkeypatch.setattr(runs, "fit", lambda ds, cfg, *a, **k: trained.append(cfg) or real_fit(ds, cfg, *a, **k))
-    merged = main(argv + ["--reuse", str(tmp_path / "0.json"), str(tmp_path / "1.json")])["0.0"]
+    (tmp_path / "1.json.gz").write_bytes(gzip.compress((tmp_path / "1.json").read_bytes()))    # kept compressed
+    merged = main(argv + ["--reuse", str(tmp_path / "0.json"), str(tmp_path / "1.json.gz")])["0.0"]
     assert trained == [] and "taken from" in capsys.readouterr().out
     assert merged["summary"] == whole["summary"]
     # another setting (even one the base ignores) is trained again; another teacher: all but the base

@@ -41,7 +41,7 @@ def plot_mechanism(table: dict, base: dict, path: Path) -> None:
     noise = 200 * base["NDCG@20_std"] / base["NDCG@20"] if base["NDCG@20"] > 0 else 0
     ax.axhspan(-noise, noise, color="0.9", label="within 2 std of the base's seeds")
     ax.axhline(0, color="0.5", lw=0.8)
-    ax.set(xlabel="teacher quality (1: knows the held-out transitions, 0: random)",
+    ax.set(xlabel="teacher quality: the share of good candidates (1: the training transitions, 0: random)",
            ylabel="change in test NDCG@20 over the base (%)", title=f"distillation gain, base NDCG@20 {base['NDCG@20']:.4f}")
     ax.legend(fontsize=7)
     write_figure(plt, fig, path)
