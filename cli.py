@@ -71,6 +71,9 @@ def split_flags(p) -> None:
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
                    help="results files of earlier runs (.json or .json.gz, e.g. of every --shard): a run of the "
                         "same data, teacher outputs and settings is taken from there, not trained again")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="with --reuse: train nothing; the tables hold the runs found (their seeds counted), and the "
+                        "runs still missing are named")
 
 
 def config(args) -> Config:
@@ -86,6 +89,8 @@ def plan(args, ds, top_n: int | None, **over) -> runs.Plan:
     catalogue, and every --reuse file readable."""
     device = pick_device(args.device)
     cfg = config(args)
+    if getattr(args, "reuse_only", False) and not args.reuse:
+        raise UserError("--reuse-only: needs --reuse and the results files whose runs it prints")
     check_trainable(ds, cfg.batch_size, device.type == "cuda" or cfg.official_protocol)
     if top_n is not None and cfg.K > top_n:
         raise UserError(f"--k {cfg.K}: more than the {top_n} candidates per row the teacher keeps (--top-n)")
@@ -93,7 +98,8 @@ def plan(args, ds, top_n: int | None, **over) -> runs.Plan:
         raise UserError(f"--k {cfg.K}: more than the {ds.n_items} items of {ds.name}")
     return runs.Plan(**{"cfg": cfg, "students": args.students, "seeds": args.seeds, "device": device,
                         "shard": getattr(args, "run_shard", None),
-                        "earlier": runs.earlier_runs(getattr(args, "reuse", []), ds), "verbose": args.verbose, **over})
+                        "earlier": runs.earlier_runs(getattr(args, "reuse", []), ds), "verbose": args.verbose,
+                        "reuse_only": getattr(args, "reuse_only", False), **over})
 
 
 def ranking_share(covered: int, n_train: int, cfg: Config) -> str:

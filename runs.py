@@ -31,6 +31,7 @@ class Plan:
     shard: tuple[int, int] | None = None     # (i, n): train the command's runs i, i + n, ... (0-based)
     earlier: dict = field(default_factory=dict)   # {run_key: run}: runs of --reuse's files
     verbose: bool = False
+    reuse_only: bool = False                 # train nothing: runs not in `earlier` are left out, and named
 
 
 class RunClock:
@@ -143,6 +144,10 @@ def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | Non
             runs.append({**taken, "variant": label})
             print(f"{student} {label} seed {seed}: taken from {taken['from']} (test NDCG@20 "
                   f"{taken['test']['NDCG@20']:.4f})", flush=True)
+            continue
+        if plan.reuse_only:
+            print(f"{student} {label} seed {seed}: MISSING (--reuse-only: not trained; its line has fewer seeds)",
+                  flush=True)
             continue
         print(f"{student} {label} seed {seed} on {plan.device}", flush=True)
         r = fit(ds, cfg, teacher, plan.device, log=print if plan.verbose else (lambda *_: None), subsets=subsets)

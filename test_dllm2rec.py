@@ -1232,6 +1232,12 @@ def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monk
     trained.clear()
     out = main(m + ["--reuse", str(tmp_path / "m0.json"), str(tmp_path / "m1.json")])
     assert trained == [] and "full_vs_uniform" in out["teachers"]["1.00"]
+    trained.clear()                       # --reuse-only: the runs found, the others named, none trained
+    part = main(m + ["--reuse", str(tmp_path / "m0.json"), "--reuse-only"])
+    assert trained == [] and capsys.readouterr().out.count("MISSING (--reuse-only") == 3
+    assert len(part["runs"]) == len(json.loads((tmp_path / "m0.json").read_text())["runs"]) == 3
+    with pytest.raises(SystemExit, match="--reuse-only: needs --reuse"):
+        main(m + ["--reuse-only"])
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--reuse .*empty.json: no runs on tiny"):
         main(m + ["--reuse", str(tmp_path / "empty.json")])

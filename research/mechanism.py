@@ -14,6 +14,8 @@ from dllm2rec import Config
 from research import plots, teachers
 from results import P_LEVEL, compare, correct, format_rows, summarise
 
+# a cell of a table printed with --reuse-only whose runs are not there yet
+MISSING = {"NDCG@20": math.nan, "change_NDCG@20": None, "verdict": "missing", "converged": True, "paired": None}
 VARIANTS = (("full", "full DLLM2Rec", "none"), ("uniform", "uniform w_r", "no_weights"),
             ("ranking", "ranking only", "no_embed"), ("embedding", "embedding only", "no_rank"))
 
@@ -52,17 +54,22 @@ def cmd_mechanism(args, ds) -> dict:
         all_runs += [{**r, "teacher_name": name} for r in teacher_runs[name]]
     if runs.save_shard(p, args.out, ds, all_runs):
         return {"runs": all_runs}
+    if not base_runs:
+        raise UserError("--reuse-only: no base run found; the mechanism table compares every cell with it")
     against = {label: "base" for label, _ in chosen}
     both = {"full", "uniform"} <= set(args.variants)          # full DLLM2Rec against uniform weights
     table, users = {}, ds.test.user
     for name, trained in teacher_runs.items():
         lines = {l["variant"]: l for l in summarise(base_runs + trained, against, users, corrected=False)}
-        table[name] = {"cells": {label: lines[label] for label, _ in chosen}}
-        if both:
+        table[name] = {"cells": {label: lines.get(label, MISSING) for label, _ in chosen}}
+        if both and {"full DLLM2Rec", "uniform w_r"} <= set(lines):
             full, uniform = (lines[v] for v in ("full DLLM2Rec", "uniform w_r"))
             pick = lambda v: [r for r in trained if r["variant"] == v]
             table[name]["full_vs_uniform"] = compare(full, uniform, pick(full["variant"]), pick(uniform["variant"]), users)
-    correct([c for row in table.values() for c in [*row["cells"].values(), row.get("full_vs_uniform")] if c])
+        elif both:
+            table[name]["full_vs_uniform"] = MISSING
+    correct([c for row in table.values() for c in [*row["cells"].values(), row.get("full_vs_uniform")]
+             if c and c is not MISSING])
     base = summarise(base_runs)[0]
     print(f"\nbase {student}: test NDCG@20 {base['NDCG@20']:.4f} ± {base['NDCG@20_std']:.4f} over {base['seeds']} seeds "
           f"(selected epochs {base['epochs']}){'' if base['converged'] else ' *'}")
@@ -86,11 +93,13 @@ def format_table(table: dict, labels: list[str], both: bool, epochs: int, base_c
     for name, row in table.items():
         cells = [name]
         for c in row["cells"].values():
-            cells += [f"{c['NDCG@20']:.4f}{'' if c['converged'] else '*'}", pct(c["change_NDCG@20"]), c["verdict"]]
+            cells += (["missing", None, None] if c is MISSING else
+                      [f"{c['NDCG@20']:.4f}{'' if c['converged'] else '*'}", pct(c["change_NDCG@20"]), c["verdict"]])
         if both:
             fu = row["full_vs_uniform"]
-            cells += [pct(fu["change_NDCG@20"]), f"p {fu['paired']['p_holm'] if fu['paired'] else math.nan:.3f}",
-                      fu["verdict"]]
+            cells += (["missing", None, None] if fu is MISSING else
+                      [pct(fu["change_NDCG@20"]), f"p {fu['paired']['p_holm'] if fu['paired'] else math.nan:.3f}",
+                       fu["verdict"]])
         rows.append(cells)
     header = ["teacher"] + [h for label in labels for h in (label, "change", "verdict")]
     header += ["full vs uniform", "paired", "verdict"] if both else []
