@@ -163,12 +163,12 @@ def format_table(lines: list[dict], floor: dict | None = None) -> str:
         rows.append([f"{l['student']} {l['variant']}", l["seeds"], pm(l[HR], l[HR + "_std"]), pm(l[NDCG], l[NDCG + "_std"]),
                      change, l.get("seed_noise"), f"{l['paired']['p_holm']:.4f}" if l.get("paired") else None,
                      (l["verdict"] or "") + ("" if l["converged"] else " (not converged: epoch cap)")])
-    unit = next((l["paired"]["unit"] for l in lines if l.get("paired")), "rows")
-    over = ("users (each user's NDCG@20 averaged over its test rows and the seeds)" if unit == "users" else
-            "test rows (the data has no users; per-row NDCG@20 averaged over seeds)")
+    unit = next((l["paired"]["unit"] for l in lines if l.get("paired")), None)
+    over = {"users": " over users (each user's NDCG@20 averaged over its test rows and the seeds)",
+            "rows": " over test rows (the data has no users; per-row NDCG@20 averaged over seeds)", None: ""}[unit]
     return format_rows(["", "seeds", HR, NDCG, "change in NDCG@20", "seeds say", "p (Holm)", "verdict"], rows,
                        left=(0, 4, 5, 7), notes=(
                            "test metrics at the epoch of best validation NDCG@20, mean ± std over seeds. A change is a "
                            "gain or a loss only when both agree, in the test statistic's direction: beyond twice the "
                            f"combined std of the seeds, and p < {P_LEVEL} after Holm's correction over the table's "
-                           f"comparisons (Wilcoxon signed-rank over {over})"))
+                           f"comparisons (Wilcoxon signed-rank{over})"))
