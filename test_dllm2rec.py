@@ -1238,6 +1238,11 @@ def test_shards_split_the_runs_and_reuse_prints_the_unsplit_table(tmp_path, monk
     assert len(part["runs"]) == len(json.loads((tmp_path / "m0.json").read_text())["runs"]) == 3
     with pytest.raises(SystemExit, match="--reuse-only: needs --reuse"):
         main(m + ["--reuse-only"])
+    main(m + ["--shard", "0/6", "--out", str(tmp_path / "b.json")])          # the base of seed 0 alone
+    capsys.readouterr()
+    alone = main(m + ["--reuse", str(tmp_path / "b.json"), "--reuse-only"])
+    assert alone["teachers"]["1.00"]["cells"]["full DLLM2Rec"]["verdict"] == "missing"
+    assert re.search(r"^1\.00 +missing +missing +missing$", capsys.readouterr().out, re.M)
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(SystemExit, match=r"--reuse .*empty.json: no runs on tiny"):
         main(m + ["--reuse", str(tmp_path / "empty.json")])
