@@ -18,7 +18,16 @@ ifneq ($(LASTFM),)
 export DLLM2REC_LASTFM ?= $(abspath $(LASTFM))
 endif
 
-.PHONY: install reproduce test
+# the llama-server of the llama.cpp that llama-cpp-python vendors (its sdist carries tools/server), for
+# the tests of the serving path (they skip without it): `make llama-server`, once
+LLAMA_CPP_PYTHON := 0.3.36
+SERVER_DIR := .build/llama-server
+SERVER := $(SERVER_DIR)/bin/llama-server
+ifneq ($(wildcard $(SERVER)),)
+export DLLM2REC_LLAMA_SERVER ?= $(abspath $(SERVER))
+endif
+
+.PHONY: install reproduce test llama-server
 
 install:
 	$(PYTHON) -m pip install -q $(LINKS) -r requirements.txt
@@ -29,3 +38,15 @@ reproduce: install
 
 test: install
 	$(PYTHON) -m pytest -q -rs test_dllm2rec.py
+
+llama-server: $(SERVER)
+
+$(SERVER):
+	mkdir -p .build
+	$(PYTHON) -m pip download -q --no-binary :all: --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) -d .build
+	tar xzf .build/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C .build
+	cmake -S .build/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp -B $(SERVER_DIR) -DCMAKE_BUILD_TYPE=Release \
+	  $(CMAKE_ARGS) -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
+	  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
+	cmake --build $(SERVER_DIR) --target llama-server -j

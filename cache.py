@@ -145,10 +145,27 @@ def read_cache(folder, dataset) -> TeacherOutputs:
     return out
 
 
+# the official files under today's names (the official code reads them) and the official README's
+# earlier ones, in that order
+OFFICIAL_NAMES = {"embeddings": ("all_embeddings.pt", "item_embedding.pt"),
+                  "ranks": ("myrank_train.txt", "ranking_list.txt"),
+                  "confidence": ("confidence_train.txt", "ranking_confidence.txt")}
+
+
+def official_file(folder: Path, role: str) -> Path:
+    """The file of one role (OFFICIAL_NAMES) in folder, under either name; both names is refused."""
+    there = [folder / n for n in OFFICIAL_NAMES[role] if (folder / n).exists()]
+    if len(there) > 1:
+        raise TeacherError(f"{folder}: both {there[0].name} and {there[1].name}; which one is the teacher's "
+                           "cannot be told: remove one")
+    return there[0] if there else folder / OFFICIAL_NAMES[role][0]
+
+
 def read_official(folder, dataset) -> TeacherOutputs:
-    """The official DLLM2Rec files: all_embeddings.pt, myrank_train.txt, confidence_train.txt
-    (row r = training row r). fingerprint.json, written beside them by export_official, proves
-    that the rows are this dataset's; without it only counts and ranges can be checked."""
+    """The official DLLM2Rec files: all_embeddings.pt, myrank_train.txt, confidence_train.txt, or
+    their earlier names item_embedding.pt, ranking_list.txt, ranking_confidence.txt (row r =
+    training row r). fingerprint.json, written beside them by export_official, proves that the
+    rows are this dataset's; without it only counts and ranges can be checked."""
     import torch
     folder = Path(folder)
     fpath = folder / "fingerprint.json"
@@ -166,19 +183,19 @@ def read_official(folder, dataset) -> TeacherOutputs:
     else:
         print(f"warning: {folder}: no fingerprint.json; cannot check that row r of the official files is "
               f"training row r of {dataset.name} (only counts and ranges are checked)")
-    epath = folder / "all_embeddings.pt"
+    epath, rpath, cpath = (official_file(folder, role) for role in OFFICIAL_NAMES)
     emb = _load(epath, lambda: torch.load(epath, map_location="cpu", weights_only=True))
     if not isinstance(emb, torch.Tensor):
         raise TeacherError(f"{epath}: expected one tensor [n_items, d_llm], found {type(emb).__name__}")
-    ids = _read_matrix(folder / "myrank_train.txt", np.int64)
-    dist = _read_matrix(folder / "confidence_train.txt", np.float32)
+    ids = _read_matrix(rpath, np.int64)
+    dist = _read_matrix(cpath, np.float32)
     if ids.shape != dist.shape:
-        raise TeacherError(f"{folder}: myrank_train.txt is {ids.shape[0]}x{ids.shape[1]} but "
-                           f"confidence_train.txt is {dist.shape[0]}x{dist.shape[1]}")
+        raise TeacherError(f"{folder}: {rpath.name} is {ids.shape[0]}x{ids.shape[1]} but "
+                           f"{cpath.name} is {dist.shape[0]}x{dist.shape[1]}")
     out = TeacherOutputs(emb.float().numpy(), {"train": TopN(np.arange(len(ids)), ids, dist)},
                          {"teacher": {"source": "official files"}}, str(folder))
     if len(ids) != len(dataset.train):
-        raise TeacherError(f"{folder / 'myrank_train.txt'}: {len(ids)} rows, but the training split has "
+        raise TeacherError(f"{rpath}: {len(ids)} rows, but the training split has "
                            f"{len(dataset.train)}: row r must be training row r")
     check_teacher(out, dataset)
     return out
@@ -217,9 +234,10 @@ def load_teacher(path, dataset) -> TeacherOutputs:
     path = Path(path)
     if (path / "manifest.json").exists():
         return read_cache(path, dataset)
-    if (path / "all_embeddings.pt").exists():
+    if any((path / n).exists() for n in OFFICIAL_NAMES["embeddings"]):
         return read_official(path, dataset)
-    raise TeacherError(f"{path}: neither a teacher cache (manifest.json) nor official files (all_embeddings.pt)")
+    raise TeacherError(f"{path}: neither a teacher cache (manifest.json) nor official files "
+                       "(all_embeddings.pt or item_embedding.pt)")
 
 
 def check_teacher(t: TeacherOutputs, dataset) -> None:

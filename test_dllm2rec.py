@@ -34,7 +34,7 @@ import runs
 import step as ST
 import students as S
 import teacher as T
-from common import at_the_boundary, from_args, write_json
+from common import UserError, at_the_boundary, from_args, write_json
 from research import ablation as ABL, commands as RC, mechanism as MECH, teachers as SY
 
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", "unset: set DLLM2REC_ML100K"))
@@ -1593,6 +1593,23 @@ def test_official_files_export_import_and_refusals(tmp_path, capsys):
         C.load_teacher(tmp_path, ds)
 
 
+def test_official_files_under_the_earlier_names_load_the_same(tmp_path):
+    ds = tiny_dataset()
+    t = random_teacher(ds)
+    C.export_official(t, tmp_path, ds)
+    (tmp_path / "fingerprint.json").unlink()        # the official pipeline writes none
+    today = C.load_teacher(tmp_path, ds)
+    for role, (now, earlier) in C.OFFICIAL_NAMES.items():
+        (tmp_path / now).rename(tmp_path / earlier)
+    back = C.load_teacher(tmp_path, ds)
+    assert np.array_equal(back.splits["train"].ids, today.splits["train"].ids)
+    assert np.array_equal(back.splits["train"].dist, today.splits["train"].dist)
+    assert np.array_equal(back.item_emb, today.item_emb)
+    (tmp_path / "myrank_train.txt").write_text((tmp_path / "ranking_list.txt").read_text())
+    with pytest.raises(C.TeacherError, match="both myrank_train.txt and ranking_list.txt.*remove one"):
+        C.load_teacher(tmp_path, ds)
+
+
 # ============================================================================ the LLM teacher on llama.cpp (teacher.py)
 def test_bigrec_prompt_is_the_alpaca_template():
     prefix, suffix = T.prompt_template("movies")
@@ -2055,3 +2072,264 @@ def test_finetune_command_writes_the_adapter_reproduce_picks_up(tiny_model, tmp_
     assert made["fingerprint"] == ds.fingerprint and made["titles_only"] and len(made["losses"]) == 2
     monkeypatch.setattr(T, "DEFAULT_ADAPTER", out)
     assert T.default_adapter(parse(["reproduce"]), ds) == (str(out), True)
+
+
+# ============================================================================ the teacher on serving engines (serve.py)
+# vLLM cannot run here (no GPU): its answers are the shapes of its documentation's examples
+# (/version, /v1/models, /tokenize, /v1/completions with logprobs, /v1/embeddings), served by a
+# fake engine; llama-server is the real one, built from the llama.cpp that llama-cpp-python vendors.
+import contextlib
+import http.server
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+import serve as SV
+
+LLAMA_SERVER = os.environ.get("DLLM2REC_LLAMA_SERVER") or shutil.which("llama-server")
+needs_server = pytest.mark.skipif(not (LLAMA_SERVER and Path(LLAMA_SERVER).exists()),
+                                  reason="needs a llama-server binary: make llama-server (README), or "
+                                         "DLLM2REC_LLAMA_SERVER=path")
+
+
+def fake_vllm_answer(path: str, body: dict | None, d: int = 6, garbage: str | None = None):
+    """What vLLM's OpenAI-compatible server answers (shapes from its documentation), for a fake
+    model whose tokens are a text's bytes (BOS = 1) and whose answer to any prompt is the title
+    of item (sum of the prompt's ids) mod 7, in quotes, then more text after a newline."""
+    if path == "/version":
+        return {"version": "0.11.0"}
+    if path == "/v1/models":
+        return {"object": "list", "data": [{"id": "bigrec-7b", "object": "model", "created": 0, "owned_by": "vllm",
+                                            "root": "bigrec-7b", "parent": None, "max_model_len": 4096}]}
+    if path == "/tokenize":
+        toks = ([1] if body["add_special_tokens"] else []) + list(body["prompt"].encode())
+        return {"count": len(toks), "max_model_len": 4096, "tokens": toks, "token_strs": None}
+    if path == "/v1/completions":
+        text = f'"item {sum(body["prompt"]) % 7}"\nmore'
+        pieces = [text[:3], text[3:6], text[6:9], text[9:]][:body["max_tokens"]]
+        answer = "".join(pieces).split("\n")[0]        # the engine stops at "\n", not part of the text
+        return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "stop_reason": "\n",
+                             "logprobs": {"text_offset": [0, 3, 6, 9], "token_logprobs": [-0.1] * 4,
+                                          "tokens": pieces, "top_logprobs": [None] * 4}}],
+                "usage": {"prompt_tokens": len(body["prompt"]), "total_tokens": 0, "completion_tokens": 4}}
+    if path == "/v1/embeddings":
+        vecs = [[float(sum(ids) % 11 + k) for k in range(d)] for ids in body["input"]]
+        if garbage == "nan":
+            vecs[0][0] = float("nan")
+        if garbage == "length":
+            vecs[-1] = vecs[-1][:-1]
+        return {"id": "embd-1", "object": "list", "created": 0, "model": body["model"],
+                "data": [{"index": i, "object": "embedding", "embedding": v} for i, v in enumerate(vecs)][::-1],
+                "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+    return None
+
+
+@contextlib.contextmanager
+def fake_engine(answer=fake_vllm_answer, html_on=None, fail_after=None):
+    """A vLLM-shaped HTTP server on a free localhost port: answer(path, body) -> JSON (None: 404);
+    html_on: a path answered with an HTML error page; fail_after: embedding requests served before
+    every request fails with HTTP 500."""
+    served = {"embeddings": 0, "requests": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def reply(self, code, raw, ctype="application/json"):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def handle_one(self, body):
+            served["requests"].append((self.path, body))
+            if self.path == "/v1/embeddings":
+                served["embeddings"] += 1
+            if fail_after is not None and served["embeddings"] > fail_after:
+                return self.reply(500, b'{"error": {"message": "engine died", "code": 500}}')
+            if self.path == html_on:
+                return self.reply(502, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            out = answer(self.path, body)
+            if out is None:
+                return self.reply(404, b'{"error": {"message": "Not Found", "code": 404}}')
+            self.reply(200, json.dumps(out).encode())
+
+        def do_GET(self):
+            self.handle_one(None)
+
+        def do_POST(self):
+            self.handle_one(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 256         # the client keeps many requests in flight, as engines expect
+        daemon_threads = True
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def served_settings(gen, emb, **kw):
+    return T.TeacherSettings(**{**dict(server=gen, embed_server=emb, top_n=5, train_rows=100, eval_rows=20), **kw})
+
+
+def test_served_answers_are_cut_by_the_in_process_rule():
+    assert SV.cut([b' "He', b'at (1995)', b'", "Ca', b'sino'], 32) == ' "Heat (1995)", "Ca'   # the 2nd quote's token
+    assert SV.cut([b'"A', b'\nB'], 32) == '"A' and SV.cut([b'ab', b'cd', b'ef'], 2) == "abcd"
+    assert SV.cut([b'"\xc3', b'\xa9t\xc3\xa9"'], 32) == '"\u00e9t\u00e9"'                     # a split UTF-8 character
+    e = SV.Endpoint("http://x", "llama-server", "b1", "m.gguf", 1, {})
+    answer = {"content": '"A"', "stop_type": "eos",
+              "completion_probabilities": [{"id": 5, "token": '"A', "bytes": [34, 65]}, {"id": 6, "token": '"', "bytes": [34]},
+                                           {"id": 2, "token": "</s>", "bytes": [60, 47, 115, 62]}]}
+    assert SV.pieces_of(e, answer) == [b'"A', b'"']            # the end-of-generation token is not text
+    assert SV.completion_request(e, [1, 2], 32)[1]["n_predict"] == 32     # llama-server's default is unbounded
+    v = SV.Endpoint("http://y", "vllm", "0.11.0", "bigrec-7b", 32, {})
+    path, body = SV.completion_request(v, [1, 2], 32)
+    assert (path, body["max_tokens"], body["temperature"], body["stop"]) == ("/v1/completions", 32, 0, ["\n"])
+    assert SV.embedding_request(v, [[1]])[1]["normalize"] is False          # vLLM <= 0.11
+    assert SV.embedding_request(v, [[1]])[1]["use_activation"] is False     # vLLM after
+    assert SV.embedding_request(e, [[1]])[1]["embd_normalize"] == -1
+
+
+def test_a_fake_vllm_engine_serves_the_teacher_and_two_give_the_same_cache(tmp_path):
+    ds = tiny_dataset()
+    with fake_engine() as (g1, _), fake_engine() as (e1, _), fake_engine() as (g2, _), fake_engine() as (e2, _):
+        one = T.run_teacher(ds, tmp_path / "one", st := served_settings(g1, e1), served=T.open_served(st))
+        two = T.run_teacher(ds, tmp_path / "two", st := served_settings(f"{g1},{g2}", f"{e1},{e2}"),
+                            served=T.open_served(st))
+        ident = json.loads((tmp_path / "one" / "work" / "identity.json").read_text())
+    assert C.checksum(one) == C.checksum(two)
+    assert ident["engine"]["generation"] == {"kind": "vllm", "version": "0.11.0", "model": "bigrec-7b",
+                                             "max_model_len": 4096}
+    assert ident["model"] == {"served": "bigrec-7b"} and ident["llama_cpp"] is None
+    t = one.splits["train"]
+    prefix, suffix = T.prompt_template(ds.domain)
+    for k in (0, 7, 99):               # the answer the fake model gives to the prefix's and the row's tokens
+        r = t.rows[k]
+        rest = T.history_text([ds.titles[j] for j in ds.train.hist[r, :ds.train.lens[r]]]) + suffix
+        ids = [1] + list(prefix.encode()) + list(rest.encode())
+        assert t.text[k] == f'"item {sum(ids) % 7}"'
+    z = [[float(sum([1] + list(f"item {i % 7}".encode())) % 11 + k) for k in range(6)] for i in range(7)]
+    assert np.array_equal(one.item_emb[:7], np.asarray(z, np.float32)[[ds.titles.index(f"item {i}") for i in range(7)]])
+
+
+@pytest.mark.parametrize("how, message", [
+    ("html", r"/v1/embeddings: HTTP 502: <html>"), ("nan", "NaN"), ("length", r"vectors of length \[5, 6\]")])
+def test_a_served_teacher_refuses_garbage_before_writing(tmp_path, how, message):
+    ds = tiny_dataset()
+    answer = lambda path, body: fake_vllm_answer(path, body, garbage=how)
+    with fake_engine() as (g, _), fake_engine(answer, html_on="/v1/embeddings" if how == "html" else None) as (e, _):
+        st = served_settings(g, e)
+        with pytest.raises(C.TeacherError, match=re.escape(e) + ".*" + message):
+            T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st))
+    assert not list((tmp_path / "c").glob("work/*.npz"))
+
+
+def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
+    ds = tiny_dataset()
+    with fake_engine() as (g, _), fake_engine() as (e, _):
+        st = served_settings(g, e)
+        whole = T.run_teacher(ds, tmp_path / "whole", st, served=T.open_served(st))
+    with fake_engine() as (g, _), fake_engine(fail_after=12) as (e, served):
+        st = served_settings(g, e)
+        with pytest.raises(C.TeacherError, match=re.escape(e) + r"/v1/embeddings: HTTP 500: engine died"):
+            T.run_teacher(ds, tmp_path / "c", st, served=SV.ServedTeacher(st, [g], [e], retries=2))
+    kept = sorted(p.name for p in (tmp_path / "c" / "work").glob("*.npz"))
+    assert 0 < len(kept) < len(T.work_plan(ds, st))
+    with fake_engine() as (g, _), fake_engine() as (e, _):          # resumed on other servers of the same engine
+        st = served_settings(g, e)
+        resumed = T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st))
+    assert C.checksum(resumed) == C.checksum(whole)
+
+
+def test_a_served_teacher_refuses_what_it_cannot_serve(tmp_path, tiny_model):
+    ds = tiny_dataset()
+    with pytest.raises(UserError, match="--server and --embed-server go together"):
+        T.open_served(served_settings("http://127.0.0.1:9", None))
+    with pytest.raises(UserError, match="--lora with --server"):
+        T.open_served(served_settings("http://127.0.0.1:9", "http://127.0.0.1:9", lora=str(tiny_model)))
+    with fake_engine(lambda path, body: None) as (g, _):
+        with pytest.raises(C.TeacherError, match="neither llama-server .* nor vLLM"):
+            SV.probe(g)
+    with fake_engine() as (g, _), fake_engine() as (e, _):
+        st = served_settings(g, e)
+        T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st), stop_after=1)
+        other = lambda path, body: {"version": "0.12.0"} if path == "/version" else fake_vllm_answer(path, body)
+        with fake_engine(other) as (g2, _):
+            st = served_settings(g2, e)
+            with pytest.raises(C.TeacherError, match=r"identity.json: this teacher work was made with another engine"):
+                T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st))
+
+
+@contextlib.contextmanager
+def llama_server(model, slots: int = 1, embeddings: bool = False, lora=None):
+    """A real llama-server on a free localhost port, one thread, serving model; stopped after."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [LLAMA_SERVER, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+           "--ctx-size", str(1024 * slots), "--threads", "1", "--no-webui"]
+    cmd += ["--embeddings", "--pooling", "last"] if embeddings else []
+    cmd += ["--lora", str(lora)] if lora else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"llama-server did not start: {proc.stderr.read()[-400:] if proc.poll() is not None else 'timeout'}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@needs_llm
+@needs_server
+def test_llama_server_gives_the_in_process_answers_and_embeddings(tmp_path, tiny_model):
+    ds = tiny_dataset()
+    rows = dict(top_n=15, train_rows=64, eval_rows=16, max_new_tokens=12)
+    local = T.run_teacher(ds, tmp_path / "local", tiny_settings(tiny_model, n_seq=1, **rows))
+    with llama_server(tiny_model) as g, llama_server(tiny_model, embeddings=True) as e:
+        st = served_settings(g, e, **rows)
+        remote = T.run_teacher(ds, tmp_path / "served", st, served=T.open_served(st))
+        ident = json.loads((tmp_path / "served" / "work" / "identity.json").read_text())
+    gen = ident["engine"]["generation"]
+    assert (gen["kind"], gen["model"], gen["slots"], gen["cache_prompt"]) == ("llama-server", "tiny.gguf", 1, False)
+    assert gen["version"] and ident["engine"]["embeddings"]["slots"] == 1
+    assert np.allclose(remote.item_emb, local.item_emb, rtol=0, atol=SERVED_ATOL)
+    for split in ("train", "val", "test"):
+        a, b = local.splits[split], remote.splits[split]
+        assert a.text.tolist() == b.text.tolist()                 # the same greedy answers
+        assert np.allclose(a.dist, b.dist, rtol=0, atol=SERVED_ATOL * 10)
+
+
+SERVED_ATOL = 1e-4    # embeddings through llama-server against in process (same build): measured below this
+
+
+@needs_llm
+@needs_server
+def test_two_llama_servers_give_the_cache_of_one_and_other_slots_are_refused(tmp_path, tiny_model):
+    ds = tiny_dataset()
+    rows = dict(top_n=15, train_rows=64, eval_rows=8, max_new_tokens=12)
+    with llama_server(tiny_model) as g1, llama_server(tiny_model, embeddings=True) as e1, \
+            llama_server(tiny_model) as g2, llama_server(tiny_model, embeddings=True) as e2:
+        one = T.run_teacher(ds, tmp_path / "one", st := served_settings(g1, e1, **rows), served=T.open_served(st))
+        two = T.run_teacher(ds, tmp_path / "two", st := served_settings(f"{g1},{g2}", f"{e1},{e2}", **rows),
+                            served=T.open_served(st))
+        assert C.checksum(one) == C.checksum(two)
+        with llama_server(tiny_model, slots=2) as g4:
+            st = served_settings(g4, e1, **rows)
+            with pytest.raises(C.TeacherError, match="made with another engine"):
+                T.run_teacher(ds, tmp_path / "one", st, served=T.open_served(st))
