@@ -10,8 +10,8 @@ Facts of the engines that the client handles:
   in-process path does (the prefix with BOS, the row's part without), so that both decode the
   same tokens; generation is greedy (temperature 0) with an explicit token limit
   (llama-server's default is unbounded, vLLM's 16), the stop string "\n" and no repetition
-  penalty; the per-token pieces come back with it, and the in-process stopping rule (a newline,
-  or the second quote) cuts the answer at the same token;
+  penalty; the generated token ids come back, the in-process stopping rule (a newline, or the
+  second quote) cuts them at the same token, and the engine's /detokenize gives the text;
 - embeddings are the last token's hidden state, unnormalised: llama-server started with
   --embeddings --pooling last and asked "embd_normalize": -1; vLLM started with --runner
   pooling and a LAST, unnormalised pooler, asked with both spellings of "do not normalise"
@@ -136,40 +136,56 @@ def tokens_of(e: Endpoint, answer) -> list[int]:
 
 
 def completion_request(e: Endpoint, ids: list[int], max_tokens: int) -> tuple[str, dict]:
-    """Greedy, at most max_tokens, stop at a newline, no repetition penalty, with each token's piece."""
+    """Greedy, at most max_tokens, stop at a newline, no repetition penalty, the generated token ids back."""
     if e.kind == "llama-server":
         return "/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": 0, "top_k": 1,
                                "repeat_penalty": 1.0, "dry_multiplier": 0.0, "stop": ["\n"], "cache_prompt": False,
-                               "n_probs": 1, "stream": False}
+                               "return_tokens": True, "stream": False}
     return "/v1/completions", {"model": e.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
-                               "stop": ["\n"], "repetition_penalty": 1.0, "logprobs": 0, "stream": False}
+                               "stop": ["\n"], "repetition_penalty": 1.0, "logprobs": 0,
+                               "return_tokens_as_token_ids": True, "stream": False}
 
 
-def pieces_of(e: Endpoint, answer) -> list[bytes]:
-    """The generated tokens' pieces, in order (llama-server: completion_probabilities' bytes, the
-    end-of-generation token left out; vLLM: logprobs.tokens)."""
+def generated_ids(e: Endpoint, answer) -> list[int]:
+    """The generated token ids, in order, an end-of-generation token left out (the in-process
+    path never appends it): llama-server's "tokens"; vLLM's logprobs.tokens as "token_id:N"."""
     try:
         if e.kind == "llama-server":
-            probs = answer["completion_probabilities"]
-            out = [bytes(p["bytes"]) if "bytes" in p else p["token"].encode() for p in probs]
-            return out[:-1] if answer.get("stop_type") == "eos" and out else out
-        choice = answer["choices"][0]
-        return [t.encode() for t in choice["logprobs"]["tokens"]]
-    except (KeyError, IndexError, TypeError):
-        raise TeacherError(f"{e.url}: a completion answer without its tokens' pieces "
+            ids, eos = [int(t) for t in answer["tokens"]], answer.get("stop_type") == "eos"
+        else:
+            choice = answer["choices"][0]
+            ids = [int(str(t).rsplit(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
+            eos = choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise TeacherError(f"{e.url}: a completion answer without its generated token ids "
                            f"(keys {sorted(answer)[:6] if isinstance(answer, dict) else type(answer).__name__})") from None
+    return ids[:-1] if eos and ids else ids
 
 
-def cut(pieces: list[bytes], max_tokens: int) -> str:
-    """The in-process stopping rule (llm.LlamaTeacher.generate) on the generated pieces: stop after
-    the token that writes a newline or the second quote, or after max_tokens; the first line."""
-    text = b""
+def detokenize_request(e: Endpoint, ids: list[int]) -> tuple[str, dict]:
+    if e.kind == "llama-server":
+        return "/detokenize", {"tokens": ids}
+    return "/detokenize", {"model": e.model, "tokens": ids}
+
+
+def text_of(e: Endpoint, answer) -> str:
+    """A detokenize answer's text, its replacement characters dropped: the engines replace bytes
+    that are not UTF-8 by U+FFFD, the in-process path decodes with errors="ignore"."""
+    text = answer.get("content" if e.kind == "llama-server" else "prompt") if isinstance(answer, dict) else None
+    if not isinstance(text, str):
+        raise TeacherError(f"{e.url}/detokenize: answered without a text")
+    return text.replace("\ufffd", "")
+
+
+def cut_at(pieces: list[str], max_tokens: int) -> int:
+    """The in-process stopping rule (llm.LlamaTeacher.generate) on the generated tokens' pieces:
+    the number of tokens kept, up to the one that writes a newline or the second quote."""
+    quotes = 0
     for k, piece in enumerate(pieces[:max_tokens]):
-        text += piece
-        s = text.decode("utf-8", errors="ignore")
-        if "\n" in s or s.count('"') >= 2:
-            break
-    return text.decode("utf-8", errors="ignore").split("\n")[0]
+        quotes += piece.count('"')
+        if "\n" in piece or quotes >= 2:
+            return k + 1
+    return min(len(pieces), max_tokens)
 
 
 def embedding_request(e: Endpoint, ids: list[list[int]]) -> tuple[str, dict]:
@@ -216,7 +232,8 @@ class ServedTeacher:
         self.special, self.max_new_tokens, self.n_seq = bool(st.chat), st.max_new_tokens, 1
         self.chat_template = self.served_template() if st.chat else None
         self.pool = ThreadPoolExecutor(max_workers=2 * sum(e.slots for e in self.gen + self.emb))
-        self.d, self.prefix_ids, self.prefix_len = None, [], 0
+        self.d, self.prefix_ids, self.prefix_len, self.pieces, self.control = None, [], 0, {}, set()
+        self.generated_ids = []          # of the last generate(), as llm.LlamaTeacher keeps them
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
 
     def identity(self) -> dict:
@@ -256,12 +273,35 @@ class ServedTeacher:
         self.prefix_len = len(self.prefix_ids)
 
     def generate(self, rests: list[str]) -> list[str]:
+        """Greedy answers to prefix + rest: the engine's tokens, cut by the in-process rule, as text."""
         ids = [self.prefix_ids + t for t in self.tokenize_all(rests, bos=False)]
         reqs = [completion_request(self.gen[i % len(self.gen)], x, self.max_new_tokens) for i, x in enumerate(ids)]
-        pieces = self._map(self.gen, reqs, lambda i, e, a: pieces_of(e, a))
+        out = self._map(self.gen, reqs, lambda i, e, a: generated_ids(e, a))
+        self.learn_pieces({t for o in out for t in o})
+        self.generated_ids = [o[:cut_at([self.pieces[t] for t in o], self.max_new_tokens)] for o in out]
+        kept = [[t for t in k if t not in self.control] for k in self.generated_ids]
+        reqs = [detokenize_request(self.gen[i % len(self.gen)], k) for i, k in enumerate(kept)]
+        texts = self._map(self.gen, reqs, lambda i, e, a: text_of(e, a))
         self.stats["prompt_tokens"] += sum(len(x) - self.prefix_len for x in ids)
-        self.stats["generated_tokens"] += sum(len(p) for p in pieces)
-        return [cut(p, self.max_new_tokens) for p in pieces]
+        self.stats["generated_tokens"] += sum(map(len, out))
+        return [t.split("\n")[0] for t in texts]
+
+    def learn_pieces(self, ids: set) -> None:
+        """Each new token's own text, kept across calls (the stopping rule looks for ASCII in it);
+        a control token's is "" as in process (detokenized without special tokens). llama-server
+        renders control tokens ("<s>"): one is a token whose text tokenizes back to it only when
+        special tokens are parsed. vLLM's /detokenize is taken as it renders them."""
+        new = sorted(ids - set(self.pieces))
+        group = self.gen
+        reqs = [detokenize_request(group[i % len(group)], [t]) for i, t in enumerate(new)]
+        texts = self._map(group, reqs, lambda i, e, a: text_of(e, a))
+        if group[0].kind == "llama-server":
+            back = lambda special: self._map(group, [tokenize_request(group[i % len(group)], t, False, special)
+                                                     for i, t in enumerate(texts)], lambda i, e, a: tokens_of(e, a))
+            parsed, plain = back(True), back(False)
+            texts = ["" if p == [t] and q != [t] else x for t, x, p, q in zip(new, texts, parsed, plain)]
+            self.control |= {t for t, x, p, q in zip(new, texts, parsed, plain) if p == [t] and q != [t]}
+        self.pieces.update(zip(new, texts))
 
     def embed(self, texts: list[str], per_request: int = 8):
         """Last-token embeddings of texts (each tokenized with BOS, as in process): [len(texts), d]."""

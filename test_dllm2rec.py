@@ -2107,14 +2107,15 @@ def fake_vllm_answer(path: str, body: dict | None, d: int = 6, garbage: str | No
         toks = ([1] if body["add_special_tokens"] else []) + list(body["prompt"].encode())
         return {"count": len(toks), "max_model_len": 4096, "tokens": toks, "token_strs": None}
     if path == "/v1/completions":
-        text = f'"item {sum(body["prompt"]) % 7}"\nmore'
-        pieces = [text[:3], text[3:6], text[6:9], text[9:]][:body["max_tokens"]]
-        answer = "".join(pieces).split("\n")[0]        # the engine stops at "\n", not part of the text
+        answer = f'"item {sum(body["prompt"]) % 7}"\nmore'.encode()[:body["max_tokens"]]
+        kept = answer[:answer.index(b"\n") + 1] if b"\n" in answer else answer    # stopped at "\n", its token kept
         return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "stop_reason": "\n",
-                             "logprobs": {"text_offset": [0, 3, 6, 9], "token_logprobs": [-0.1] * 4,
-                                          "tokens": pieces, "top_logprobs": [None] * 4}}],
-                "usage": {"prompt_tokens": len(body["prompt"]), "total_tokens": 0, "completion_tokens": 4}}
+                "choices": [{"index": 0, "text": kept.decode().rstrip("\n"), "finish_reason": "stop", "stop_reason": "\n",
+                             "logprobs": {"text_offset": list(range(len(kept))), "token_logprobs": [-0.1] * len(kept),
+                                          "tokens": [f"token_id:{b}" for b in kept], "top_logprobs": None}}],
+                "usage": {"prompt_tokens": len(body["prompt"]), "total_tokens": 0, "completion_tokens": len(kept)}}
+    if path == "/detokenize":
+        return {"prompt": bytes(body["tokens"]).decode("utf-8", errors="replace")}
     if path == "/v1/embeddings":
         vecs = [[float(sum(ids) % 11 + k) for k in range(d)] for ids in body["input"]]
         if garbage == "nan":
@@ -2181,18 +2182,19 @@ def served_settings(gen, emb, **kw):
 
 
 def test_served_answers_are_cut_by_the_in_process_rule():
-    assert SV.cut([b' "He', b'at (1995)', b'", "Ca', b'sino'], 32) == ' "Heat (1995)", "Ca'   # the 2nd quote's token
-    assert SV.cut([b'"A', b'\nB'], 32) == '"A' and SV.cut([b'ab', b'cd', b'ef'], 2) == "abcd"
-    assert SV.cut([b'"\xc3', b'\xa9t\xc3\xa9"'], 32) == '"\u00e9t\u00e9"'                     # a split UTF-8 character
+    assert SV.cut_at([' "He', 'at (1995)', '", "Ca', 'sino'], 32) == 3      # the token of the second quote
+    assert SV.cut_at(['"A', '\nB', 'C'], 32) == 2 and SV.cut_at(['ab', 'cd', 'ef'], 2) == 2
+    assert SV.cut_at(['"', '\ufffd', '"', 'x'], 32) == 3 and SV.cut_at([], 32) == 0
     e = SV.Endpoint("http://x", "llama-server", "b1", "m.gguf", 1, {})
-    answer = {"content": '"A"', "stop_type": "eos",
-              "completion_probabilities": [{"id": 5, "token": '"A', "bytes": [34, 65]}, {"id": 6, "token": '"', "bytes": [34]},
-                                           {"id": 2, "token": "</s>", "bytes": [60, 47, 115, 62]}]}
-    assert SV.pieces_of(e, answer) == [b'"A', b'"']            # the end-of-generation token is not text
+    assert SV.generated_ids(e, {"tokens": [5, 6, 2], "stop_type": "eos"}) == [5, 6]     # the EOS is not text
+    assert SV.generated_ids(e, {"tokens": [5, 6, 2], "stop_type": "limit"}) == [5, 6, 2]
+    assert SV.text_of(e, {"content": '\ufffd\x16"A"'}) == '\x16"A"'          # errors="ignore", as in process
     assert SV.completion_request(e, [1, 2], 32)[1]["n_predict"] == 32     # llama-server's default is unbounded
     v = SV.Endpoint("http://y", "vllm", "0.11.0", "bigrec-7b", 32, {})
     path, body = SV.completion_request(v, [1, 2], 32)
     assert (path, body["max_tokens"], body["temperature"], body["stop"]) == ("/v1/completions", 32, 0, ["\n"])
+    eos = {"choices": [{"logprobs": {"tokens": ["token_id:7", "token_id:2"]}, "finish_reason": "stop", "stop_reason": None}]}
+    assert SV.generated_ids(v, eos) == [7]
     assert SV.embedding_request(v, [[1]])[1]["normalize"] is False          # vLLM <= 0.11
     assert SV.embedding_request(v, [[1]])[1]["use_activation"] is False     # vLLM after
     assert SV.embedding_request(e, [[1]])[1]["embd_normalize"] == -1
@@ -2278,7 +2280,9 @@ def llama_server(model, slots: int = 1, embeddings: bool = False, lora=None):
            "--ctx-size", str(1024 * slots), "--threads", "1", "--no-webui"]
     cmd += ["--embeddings", "--pooling", "last"] if embeddings else []
     cmd += ["--lora", str(lora)] if lora else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = Path(model).parent / f"llama-server-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
     try:
         while True:
@@ -2287,12 +2291,12 @@ def llama_server(model, slots: int = 1, embeddings: bool = False, lora=None):
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"llama-server did not start: {proc.stderr.read()[-400:] if proc.poll() is not None else 'timeout'}")
+                    raise RuntimeError(f"llama-server did not start: {log.read_text()[-400:]}") from None
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        proc.kill()
+        proc.wait()
 
 
 @needs_llm
@@ -2309,12 +2313,34 @@ def test_llama_server_gives_the_in_process_answers_and_embeddings(tmp_path, tiny
     assert (gen["kind"], gen["model"], gen["slots"], gen["cache_prompt"]) == ("llama-server", "tiny.gguf", 1, False)
     assert gen["version"] and ident["engine"]["embeddings"]["slots"] == 1
     assert np.allclose(remote.item_emb, local.item_emb, rtol=0, atol=SERVED_ATOL)
+    differ = {}
     for split in ("train", "val", "test"):
         a, b = local.splits[split], remote.splits[split]
-        assert a.text.tolist() == b.text.tolist()                 # the same greedy answers
-        assert np.allclose(a.dist, b.dist, rtol=0, atol=SERVED_ATOL * 10)
-
-
+        same = a.text == b.text
+        assert np.allclose(a.dist[same], b.dist[same], rtol=0, atol=SERVED_ATOL * 10)
+        differ[split] = a.rows[~same]
+    # a row may differ only where greedy decoding meets a near tie, which llama.cpp's batch shape
+    # breaks either way (the prompt decoded whole on the server, prefix and row apart in process)
+    assert sum(map(len, differ.values())) <= 2, differ
+    prefix, suffix = T.prompt_template(ds.domain)
+    from llm import LlamaTeacher
+    from llama_cpp import Llama
+    here, ref = LlamaTeacher(tiny_settings(tiny_model, n_seq=1, max_new_tokens=12)), None
+    with llama_server(tiny_model) as g, llama_server(tiny_model, embeddings=True) as e:
+        there = T.open_served(served_settings(g, e, max_new_tokens=12))
+        for split, rows in differ.items():
+            for r in rows:
+                rest = T.row_prompts(ds, (prefix, suffix), [(split, 0, [r])])
+                here.set_prefix(prefix); here.generate(rest)
+                there.set_prefix(prefix); there.generate(rest)
+                x, y = here.generated_ids[0], there.generated_ids[0]
+                k = next(i for i in range(min(len(x), len(y)) + 1) if i == min(len(x), len(y)) or x[i] != y[i])
+                ref = ref or Llama(str(tiny_model), n_ctx=512, logits_all=True, verbose=False)
+                ref.reset(); ref.eval(there.prefix_ids + here.tokenize(rest[0], bos=False) + x[:k])
+                logits = np.array(ref.scores[ref.n_tokens - 1])
+                assert abs(logits[x[k]] - logits[y[k]]) < 1e-3 * abs(logits).max()     # a near tie
+        there.close()
+    here.close()
 SERVED_ATOL = 1e-4    # embeddings through llama-server against in process (same build): measured below this
 
 
