@@ -50,6 +50,7 @@ class Endpoint:
     model: str                 # the model the engine serves (file name or model id)
     slots: int                 # parallel sequences (llama-server --parallel); vLLM: VLLM_SLOTS
     settings: dict             # what moves the outputs besides the model (recorded in the cache identity)
+    n_embd: int | None = None  # the model's hidden size where the engine says it (llama-server)
 
     def identity(self) -> dict:
         return {"kind": self.kind, "version": self.version, "model": self.model, **self.settings}
@@ -105,10 +106,15 @@ def probe(url: str, retries: int = RETRIES) -> Endpoint:
     if isinstance(props, dict) and "build_info" in props:
         model = str(props.get("model_path", "")).replace("\\", "/").rsplit("/", 1)[-1]
         loras = call(url, "/lora-adapters", retries=retries)
+        models = call(url, "/v1/models", retries=retries)
+        try:
+            n_embd = int(models["data"][0]["meta"]["n_embd"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            n_embd = None
         return Endpoint(url, "llama-server", str(props["build_info"]), model, int(props.get("total_slots", 1)),
                         {"slots": int(props.get("total_slots", 1)), "cache_prompt": False,
                          "lora": [{"file": str(a.get("path", "")).rsplit("/", 1)[-1], "scale": a.get("scale")}
-                                  for a in loras] if isinstance(loras, list) else None})
+                                  for a in loras] if isinstance(loras, list) else None}, n_embd)
     try:
         version, models = call(url, "/version", retries=retries), call(url, "/v1/models", retries=retries)
     except TeacherError as e:
@@ -232,7 +238,8 @@ class ServedTeacher:
         self.special, self.max_new_tokens, self.n_seq = bool(st.chat), st.max_new_tokens, 1
         self.chat_template = self.served_template() if st.chat else None
         self.pool = ThreadPoolExecutor(max_workers=2 * sum(e.slots for e in self.gen + self.emb))
-        self.d, self.prefix_ids, self.prefix_len, self.pieces, self.control = None, [], 0, {}, set()
+        self.d = self.emb[0].n_embd      # every embedding must have this length (vLLM: the first answer's)
+        self.prefix_ids, self.prefix_len, self.pieces, self.control = [], 0, {}, set()
         self.generated_ids = []          # of the last generate(), as llm.LlamaTeacher keeps them
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
 
@@ -310,6 +317,9 @@ class ServedTeacher:
         groups = [toks[a:a + per_request] for a in range(0, len(toks), per_request)]
         reqs = [embedding_request(self.emb[i % len(self.emb)], g) for i, g in enumerate(groups)]
         parts = self._map(self.emb, reqs, lambda i, e, a: vectors_of(e, a, len(groups[i]), self.d))
+        lengths = sorted({len(v) for part in parts for v in part})
+        if len(lengths) > 1:
+            raise TeacherError(f"{', '.join(e.url for e in self.emb)}: embeddings of lengths {lengths} in one run")
         out = np.asarray([v for part in parts for v in part], np.float32).reshape(len(texts), -1)
         if self.d is None and len(out):
             self.d = out.shape[1]       # later answers must have this length
