@@ -283,6 +283,18 @@ def per_training_row(t: TeacherOutputs, n_rows: int, K: int) -> tuple[np.ndarray
     return ids, dist, covered
 
 
+def target_rank_and_nearest(t: TeacherOutputs, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per training row: the 1-based rank of its true next item in the teacher's whole top-n list
+    (0: not in it), the distance of the teacher's nearest item, covered; [n_rows] each (the row
+    gates' inputs)."""
+    s, n_rows = t.splits["train"], len(targets)
+    rank, nearest, covered = np.zeros(n_rows, np.int64), np.zeros(n_rows, np.float32), np.zeros(n_rows, bool)
+    hit = s.ids == targets[s.rows][:, None]                                          # [rows, top_n]
+    rank[s.rows] = np.where(hit.any(1), hit.argmax(1) + 1, 0)
+    nearest[s.rows], covered[s.rows] = s.dist[:, 0], True
+    return rank, nearest, covered
+
+
 def _load(path: Path, read):
     if not path.exists():
         raise TeacherError(f"{path}: file not found")

@@ -14,6 +14,9 @@ equation images are lost, the form is the prose's and the official code's):
     L_DRO(t) = log sum_j exp(ps_j (y_j - 1[j = t])^2 / beta)          (DROS, Yang et al. 2023)
     ps_j = ((c_j + 1) / sum_k (c_k + 1))^0.05, c_j: item j's count as a training target; beta = 1
 
+Beyond the paper (off by default, --row-gate): each covered row's L_rank term times a gate
+g_b (target_gate, confidence_gate), scaled to mean 1 over the batch's covered rows.
+
 c_1..c_K are the teacher's top-K items (nearest first), d_r their distances. The paper's
 "Collaborative embedding distillation" is the student's input layer, e_i = b_i + ed_weight * g(z_i)
 (students.ItemEmbedding). Training selects the epoch on validation NDCG@20 and reports test.
@@ -41,6 +44,7 @@ from metrics import REPORTED, metrics_from_ranks
 from step import Step, captured
 
 ABLATIONS = ("no_wp", "no_wc", "no_wo", "no_weights", "no_rank", "no_embed", "no_offset")
+ROW_GATES = ("off", "target", "confidence")   # beyond the paper (README): off is the paper's method
 OFFICIAL_EPS = 1e-8   # the official code adds it to exp(-d_r) and to the 0/1 consistency weight
 DRO_BETA = 1.0        # DROS's robust radius beta
 
@@ -142,8 +146,41 @@ def dro_candidate_term(w: torch.Tensor, dro_cand: torch.Tensor, official: bool) 
     return (w * dro_cand).sum(dim=1).mean()
 
 
+# ---------------------------------------------------------------------------- beyond the paper: a row gate
+# The importance weights sum to 1 over a row's K candidates, so a row of bad advice distils with
+# the same total weight as a row of good advice. A gate g_b scales row b's whole ranking term;
+# within a batch the gates are scaled to mean 1 over its covered rows (batch_gate), so that the
+# term's total weight stays the ungated one's and lam keeps its meaning. This project's extension.
+def target_gate(target_rank: torch.Tensor, floor: float) -> torch.Tensor:
+    """From the teacher's own record of the row's true next item (a training row's target is
+    known): g_b = floor + (1 - floor) / log2(1 + r_b), r_b its 1-based rank in the teacher's
+    top-n list, and g_b = floor where the list misses it (r_b = 0). [n] int -> [n]"""
+    r = target_rank.double()
+    credit = torch.where(r > 0, 1.0 / torch.log2(1.0 + r.clamp(min=1)), torch.zeros_like(r))
+    return (floor + (1.0 - floor) * credit).float()
+
+
+def confidence_gate(nearest: torch.Tensor, covered: torch.Tensor, floor: float) -> torch.Tensor:
+    """Label-free, from the teacher's absolute confidence compared across rows: g_b = floor +
+    (1 - floor) * (1 - q_b), q_b the share of the other covered rows whose nearest candidate
+    lies nearer than row b's (d_b1). [n], [n] bool -> [n] (floor on uncovered rows)."""
+    d = nearest[covered].double()
+    below = torch.searchsorted(d.sort().values, nearest.double(), right=False).double()   # rows nearer than b
+    q = below / max(len(d) - 1, 1)
+    return torch.where(covered, floor + (1.0 - floor) * (1.0 - q.clamp(max=1.0)),
+                       torch.full_like(q, floor)).float()
+
+
+def batch_gate(gate: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """The batch's gates scaled to mean 1 over its covered rows, 0 elsewhere: [B], [B] bool -> [B].
+    No host synchronisation (a captured step may use it)."""
+    c = covered.to(gate.dtype)
+    return c * gate * c.sum().clamp(min=1.0) / (c * gate).sum().clamp(min=torch.finfo(gate.dtype).tiny)
+
+
 # ---------------------------------------------------------------------------- the ranking distillation
-def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=None, covered=None) -> torch.Tensor:
+def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=None, covered=None,
+            gate=None) -> torch.Tensor:
     """lam * L_rank, the importance-aware ranking distillation, vectorised over the K candidates.
 
     s_cand [B, K]: the student's scores of the teacher's top-K items c_1..c_K (nearest first);
@@ -151,7 +188,8 @@ def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=Non
     cand [B, K]: the candidate ids; student_topk [B, K]: the student's current top-K ids;
     dro_cand [B, K]: L_DRO(s, c_r) for a student with the DRO term (adds alpha * w_r * L_DRO);
     covered [B] bool: rows the teacher ran on; the others contribute 0 to the batch mean, so a
-    covered row weighs the same whatever the teacher's coverage.
+    covered row weighs the same whatever the teacher's coverage; gate [B]: a row gate (beyond
+    the paper), scaling each covered row's term, batch_gate-normalised.
     cfg gives lam, the gammas, alpha and which official formulas to use."""
     B, K = cand.shape
     if cfg.weight_gammas is None:                                                # ablation: w_r = 1/K
@@ -162,6 +200,8 @@ def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=Non
         w_o = consistency_weight(cand, student_topk).to(dist.dtype) + (OFFICIAL_EPS if cfg.official_weights else 0.0)
         w = importance_weight(w_p, w_c, w_o, cfg.weight_gammas)                  # [B, K]
     keep = torch.ones(B, dtype=dist.dtype, device=dist.device) if covered is None else covered.to(dist.dtype)
+    if gate is not None:
+        keep = batch_gate(gate.to(dist.dtype), keep > 0)                         # [B], mean 1 over covered rows
     w = w * keep.unsqueeze(1)                                                    # uncovered rows: 0
     bce = F.softplus(-s_cand) + neg_term(s_neg, cfg.official_neg).unsqueeze(1)   # [B, K]
     loss = (w * bce).sum(dim=1).mean()
@@ -199,6 +239,11 @@ class Config:
                                     "(default: the per-row product)")
     official_protocol: bool = opt(False, "official batches (floor(n/B) random samples of B rows), evaluation with "
                                          "dropout on, epoch selection and early stopping on TEST (biased upward)")
+    row_gate: str = opt("off", "beyond the paper: scale each row's ranking term by a gate, mean 1 over a batch's "
+                               "covered rows; target: the teacher's rank of the row's true next item; confidence: "
+                               "its nearest distance against other rows'; off: the paper's method",
+                        choices=ROW_GATES)
+    gate_floor: float = opt(0.1, "the row gate's value for a row of no credit", fraction)
 
     def __post_init__(self):
         if sum(self.gammas) <= 0 and self.ablation != "no_weights":
@@ -206,7 +251,10 @@ class Config:
 
     @property
     def variant(self) -> str:
-        return "base" if not self.distilled else "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
+        if not self.distilled:
+            return "base"
+        name = "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
+        return name if self.row_gate == "off" else f"{name}+{self.row_gate}-gate"
 
     @property
     def with_dro(self) -> bool:
@@ -269,9 +317,9 @@ def bce_base(s_pos: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
 
 
 def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_ids=None, t_dist=None,
-                  covered=None, static: bool = False) -> torch.Tensor:
+                  covered=None, gate=None, static: bool = False) -> torch.Tensor:
     """The module docstring's loss for one batch. hist [B, L], lens [B], target [B]; t_ids /
-    t_dist [B, K]: the teacher's top-K; covered [B]: rows the teacher ran on.
+    t_dist [B, K]: the teacher's top-K; covered [B]: rows the teacher ran on; gate [B]: the row gate.
     static: fixed shapes and no host synchronisation, for a compiled or captured step."""
     neg = sample_negatives(hist, target, model.n_items, static)
     h = model(hist, lens)                                                   # [B, d]
@@ -292,7 +340,7 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
         with torch.no_grad():   # the student's top-K from this training forward (dropout on), as officially
             all_ = scores_all if scores_all is not None else model.score_all(h)
             student_topk = all_.topk(cfg.K, dim=1).indices                  # [B, K]
-        loss = loss + distill(model.score(h, t_ids), s[:, 1], t_dist, t_ids, student_topk, cfg, dro_cand, covered)
+        loss = loss + distill(model.score(h, t_ids), s[:, 1], t_dist, t_ids, student_topk, cfg, dro_cand, covered, gate)
     return loss
 
 
@@ -349,6 +397,14 @@ def check_trainable(ds: data.Dataset, batch_size: int, full_batches: bool) -> No
             raise UserError(f"{ds.name}: training row {r + 1} holds all {ds.n_items} items: no negative item to sample")
 
 
+def row_gates(cfg: Config, teacher, targets: np.ndarray) -> torch.Tensor:
+    """Each training row's gate g_b (cfg.row_gate), from the teacher's outputs: [n_rows]."""
+    rank, nearest, covered = (torch.as_tensor(a) for a in cache.target_rank_and_nearest(teacher, targets))
+    if cfg.row_gate == "target":
+        return target_gate(rank, cfg.gate_floor)
+    return confidence_gate(nearest, covered, cfg.gate_floor)
+
+
 def to_tensors(split: data.Split, device):
     return tuple(torch.as_tensor(a, device=device) for a in (split.hist, split.lens, split.target))
 
@@ -383,8 +439,10 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, capturable=capture)
     step = Step(training_loss, model, opt, cfg, "captured" if capture else "eager")
     tt = ()                                           # per training row: the teacher's top-K ids, distances, covered
-    if teacher is not None and cfg.rank_on:
+    if teacher is not None and cfg.rank_on:           # (and the row gate)
         tt = tuple(torch.as_tensor(a, device=device) for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
+        if cfg.row_gate != "off":
+            tt += (row_gates(cfg, teacher, ds.train.target).to(device),)
     select_on, other = ("test", "val") if cfg.official_protocol else ("val", "test")
     key = f"NDCG@{REPORTED}"
     ranks = {}                                        # the latest ranks of each split: test's feed the paired test

@@ -587,23 +587,27 @@ def test_dro_ps():
 
 
 # ============================================================================ the loss: the paper's terms against slow versions
-def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, alpha=0.5, covered=None, official=False):
+def slow_distill(s_cand, s_neg, dist, cand, topk, lam, gammas, dro_cand=None, alpha=0.5, covered=None, official=False,
+                 gate=None):
     """The paper's ranking distillation, one row and one candidate at a time. official: the
     official code's formulas, w_c = (exp(-d_r) + 1e-8) / sum_r (exp(-d_r) + 1e-8), w_o in
     {1e-8, 1}, -log sigmoid(1 - s_neg) for the negative, and the DRO candidate term as its
-    [B, 1] x [B] broadcast: sum_r mean_b(w_br) * mean_b(L_DRO(b, c_r))."""
+    [B, 1] x [B] broadcast: sum_r mean_b(w_br) * mean_b(L_DRO(b, c_r)). gate: a row gate,
+    each covered row's weights times g_b / (the mean of g over the batch's covered rows)."""
     B, K = cand.shape
     g_p, g_c, g_o = gammas
     eps = 1e-8 if official else 0.0
     sig = lambda x: 1 / (1 + math.exp(-x))
     Z = sum(math.exp(-r) for r in range(1, K + 1))
     rows = [b for b in range(B) if covered is None or covered[b]]    # uncovered rows add 0 to the mean
+    mean_gate = sum(float(gate[b]) for b in rows) / len(rows) if gate is not None else 1.0
 
     def weights(b):
         conf = [math.exp(-dist[b, q]) + eps for q in range(K)]
         w_o = [(1.0 if int(cand[b, q]) in set(topk[b].tolist()) else 0.0) + eps for q in range(K)]
         raw = [g_p * math.exp(-(q + 1)) / Z + g_c * conf[q] / sum(conf) + g_o * w_o[q] for q in range(K)]
-        return [x / sum(raw) for x in raw]
+        scale = float(gate[b]) / mean_gate if gate is not None else 1.0
+        return [scale * x / sum(raw) for x in raw]
 
     total = 0.0
     for r in range(K):
@@ -640,6 +644,68 @@ def test_distill_equals_slow_loop(with_dro, with_cover, gammas, official):
     other = slow_distill(s_cand.numpy(), s_neg.numpy(), dist.numpy(), cand, topk, 0.7, gammas,
                          None if dro is None else dro.numpy(), 0.5, cover, not official)
     assert abs(fast.item() - other) > 1e-6           # the two formulas differ on these inputs
+
+
+@pytest.mark.parametrize("with_dro,with_cover", [(False, False), (True, True), (False, True)])
+def test_gated_distill_equals_slow_loop(with_dro, with_cover):
+    g = torch.Generator().manual_seed(3)
+    B, K, n = 7, 10, 30
+    cand = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
+    topk = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(B)])
+    s_cand, s_neg = torch.randn(B, K, generator=g, dtype=torch.float64) * 3, torch.randn(B, generator=g, dtype=torch.float64)
+    dist = 1 + 3 * torch.rand(B, K, generator=g, dtype=torch.float64)
+    dro = torch.rand(B, K, generator=g, dtype=torch.float64) * 4 if with_dro else None
+    cover = torch.tensor([True, False, True, True, False, True, True]) if with_cover else None
+    gate = torch.tensor([0.1, 0.9, 1.0, 0.1, 0.5, 0.63, 0.2], dtype=torch.float64)
+    cfg = D.Config(lam=0.7)
+    fast = D.distill(s_cand, s_neg, dist, cand, topk, cfg, dro, cover, gate)
+    slow = slow_distill(s_cand.numpy(), s_neg.numpy(), dist.numpy(), cand, topk, 0.7, cfg.gammas,
+                        None if dro is None else dro.numpy(), 0.5, cover, False, gate.numpy())
+    assert fast.item() == pytest.approx(slow, rel=1e-9)
+    flat = D.distill(s_cand, s_neg, dist, cand, topk, cfg, dro, cover, torch.full((B,), 0.37, dtype=torch.float64))
+    assert flat.item() == pytest.approx(D.distill(s_cand, s_neg, dist, cand, topk, cfg, dro, cover).item(), rel=1e-12)
+    kept = cover if cover is not None else torch.ones(B, dtype=torch.bool)
+    assert D.batch_gate(gate, kept)[kept].mean().item() == pytest.approx(1.0)       # the ungated total weight
+    assert (D.batch_gate(gate, kept)[~kept] == 0).all()
+
+
+def test_row_gates_equal_their_formulas_row_by_row():
+    rank = torch.tensor([0, 1, 2, 5, 0, 20])
+    want = [0.1 if r == 0 else 0.1 + 0.9 / math.log2(1 + r) for r in rank.tolist()]
+    assert torch.allclose(D.target_gate(rank, 0.1), torch.tensor(want, dtype=torch.float32))
+    nearest = torch.tensor([2.0, 0.5, 3.0, 0.5, 9.0, 1.0])
+    covered = torch.tensor([True, True, True, True, False, True])
+    got = D.confidence_gate(nearest, covered, 0.2)
+    others = lambda b: [c for c in range(6) if covered[c] and c != b]
+    for b in range(6):                 # the share of the other covered rows strictly nearer than b
+        q = sum(nearest[c] < nearest[b] for c in others(b)) / len(others(b))
+        assert got[b].item() == pytest.approx(0.2 + 0.8 * (1 - float(q)) if covered[b] else 0.2)
+    ds = tiny_dataset()
+    t = random_teacher(ds, n=12, rows=np.arange(0, 300, 2))
+    s = t.splits["train"]
+    s.ids[3, 4] = ds.train.target[s.rows[3]]                   # plant a hit at rank 5
+    r, near, cov = C.target_rank_and_nearest(t, ds.train.target)
+    for k, row in enumerate(range(len(ds.train))):
+        hits = [q + 1 for q in range(12) if cov[row] and s.ids[row // 2, q] == ds.train.target[row]] if row % 2 == 0 else []
+        assert r[row] == (hits[0] if hits else 0) and cov[row] == (row % 2 == 0)
+        assert near[row] == (s.dist[row // 2, 0] if row % 2 == 0 else 0)
+    assert r[s.rows[3]] <= 5 and r[s.rows[3]] > 0
+
+
+@pytest.mark.parametrize("gate", ["target", "confidence"])
+def test_a_gated_student_trains_and_differs_from_the_ungated(gate):
+    ds = tiny_dataset()
+    t = random_teacher(ds, n=12)
+    t.splits["train"].ids[::3, 0] = ds.train.target[t.splits["train"].rows[::3]]    # right on a third of the rows
+    plain = D.fit(ds, D.Config(distilled=True, epochs=2, patience=5), t, log=lambda *_: None)
+    gated = D.fit(ds, D.Config(distilled=True, epochs=2, patience=5, row_gate=gate), t, log=lambda *_: None)
+    assert gated["variant"] == f"dllm2rec+{gate}-gate" and plain["variant"] == "dllm2rec"
+    assert gated["epochs"][0]["loss"] != plain["epochs"][0]["loss"]
+    off = dict(plain["config"]); on = {**off, "row_gate": "off", "gate_floor": 0.5}
+    assert runs.run_key("f", "c", off, False) == runs.run_key("f", "c", {k: v for k, v in off.items()
+                                                                        if k not in ("row_gate", "gate_floor")}, False)
+    assert runs.run_key("f", "c", on, False) == runs.run_key("f", "c", off, False)    # off: the runs of before
+    assert runs.run_key("f", "c", gated["config"], False) != runs.run_key("f", "c", off, False)
 
 
 def test_uniform_weights_ablation_is_the_plain_mean_over_candidates():
