@@ -235,7 +235,7 @@ class ServedTeacher:
             if len(kinds) > 1:
                 raise TeacherError(f"{what}: the endpoints serve different engines, models or settings: "
                                    + "; ".join(f"{e.url}: {e.identity()}" for e in group))
-        self.special, self.max_new_tokens, self.n_seq = bool(st.chat), st.max_new_tokens, 1
+        self.special, self.max_new_tokens = bool(st.chat), st.max_new_tokens
         self.chat_template = self.served_template() if st.chat else None
         self.pool = ThreadPoolExecutor(max_workers=2 * sum(e.slots for e in self.gen + self.emb))
         self.d = self.emb[0].n_embd      # every embedding must have this length (vLLM: the first answer's)
