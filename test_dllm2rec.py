@@ -35,7 +35,7 @@ import step as ST
 import students as S
 import teacher as T
 from common import UserError, at_the_boundary, from_args, write_json
-from research import ablation as ABL, commands as RC, mechanism as MECH, teachers as SY
+from research import ablation as ABL, commands as RC, gates as G, mechanism as MECH, teachers as SY
 
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", "unset: set DLLM2REC_ML100K"))
 LASTFM = Path(os.environ.get("DLLM2REC_LASTFM", "unset: set DLLM2REC_LASTFM"))
@@ -44,7 +44,7 @@ needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and im
 
 
 # ============================================================================ helpers and fixtures
-RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher")   # python -m research
+RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher", "gates")   # python -m research
 
 
 def main(argv):
@@ -1209,6 +1209,54 @@ def test_retrieval_teacher_command_writes_a_cache_train_distils(tmp_path, monkey
     out = main(["train", "--teacher", str(tmp_path / "r"), "--students", "sasrec", "--epochs", "1", "--batch-size", "64",
                 "--out", str(tmp_path / "res.json")])
     assert [l["variant"] for l in out["summary"]] == ["base", "dllm2rec"]
+
+
+def test_gates_command_compares_each_gate_with_full_and_the_base_holm_over_the_table(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    ds.test.user = np.arange(len(ds.test)) % 9                      # 9 users: the paired test runs over them
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    src = random_teacher(ds)
+    C.write_cache(tmp_path / "cached", ds, src.item_emb, src.splits, {"model": "random"})
+    argv = ["gates", "--epochs", "1", "--seeds", "2", "--batch-size", "64",
+            "--teachers", "0", "mixed:flat", str(tmp_path / "cached")]
+    out = main(argv)
+    lines, runs_ = out["table"], out["runs"]
+    assert len(runs_) == 2 * (1 + 3 * (1 + len(G.GATES)))
+    by = {(l["teacher"], l["variant"]): l for l in lines if l["variant"] != "base"}
+    assert {t for t, _ in by} == {"random, honest", "mixed, flat", "cached"}
+    comparisons = []
+    for (t, variant), l in by.items():
+        assert set(l["vs"]) == ({"base"} if variant == "dllm2rec" else {"dllm2rec", "base"})
+        assert variant in ("dllm2rec", *(f"dllm2rec+{g}-gate" for g in G.GATES))
+        pick = lambda v, name: [r for r in runs_ if r["variant"] == v and r.get("teacher_name", name) == name]
+        for ref, c in l["vs"].items():           # the paired test over users of exactly these runs
+            assert c["paired"]["p"] == R.paired_test(pick(variant, t), pick(ref, t), ds.test.user)["p"]
+            assert c["paired"]["unit"] == "users"
+            comparisons.append(c)
+    assert len(comparisons) == 3 * (1 + 2 * len(G.GATES))
+    assert [c["paired"]["p_holm"] for c in comparisons] == R.holm([c["paired"]["p"] for c in comparisons])
+    printed = capsys.readouterr().out
+    assert "row gates on tiny" in printed and "over users with Holm's correction over the whole table" in printed
+    table = printed.split("row gates on tiny")[1].splitlines()
+    assert sum(line.startswith("sasrec base") for line in table) == 1 and len(table) == 2 + 1 + 3 * (1 + len(G.GATES)) + 1
+    # shards and --reuse print the same table
+    for i in (0, 1):
+        main(argv + ["--shard", f"{i}/2", "--out", str(tmp_path / f"g{i}.json")])
+    merged = main(argv + ["--reuse", str(tmp_path / "g0.json"), str(tmp_path / "g1.json"), "--reuse-only"])
+    assert merged["table"] == lines
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teachers", "1.5"], "'1.5': a quality must be in [0, 1]"),
+    (["--teachers", "mixed:warm"], "confidence 'warm', one of honest, flat"),
+    (["--teachers", "/no/such/folder"], "neither a quality, 'mixed' nor a teacher cache folder"),
+    (["--gates", "target,never"], "never"),
+    (["--row-gate", "target"], "--row-gate target: the gates command sets each run's gate itself"),
+])
+def test_gates_command_refuses_bad_teachers_and_a_fixed_gate_in_one_line(argv, message, monkeypatch):
+    monkeypatch.setattr(data, "load_dataset", lambda *a: tiny_dataset(n_items=30, rows=(300, 40, 40)))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(["gates", "--epochs", "1", *argv])
 
 
 def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():

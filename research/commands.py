@@ -2,17 +2,27 @@
 parsing and one-line errors are cli.py's)."""
 from __future__ import annotations
 
+import argparse
+
 import cli
 import students
 from common import at_least, between, checked, choice_list
 from dllm2rec import Config
-from research import ablation, bench, compare, mechanism, retrieval, teachers
+from research import ablation, bench, compare, gates, mechanism, retrieval, teachers
 
 
 def confidence_flag(p) -> None:
     p.add_argument("--confidence", choices=teachers.CONFIDENCE, default="honest",
                    help="the synthetic teachers' distances: honest (random candidates farther, ranked below the good "
                         "ones) or flat (one distance distribution for both, random ranks: only w_o can tell them apart)")
+
+
+def teacher_arg(text: str) -> tuple:
+    """An argparse type of gates.teacher_spec."""
+    try:
+        return gates.teacher_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_commands(sub, parent) -> dict:
@@ -83,8 +93,19 @@ def add_commands(sub, parent) -> dict:
                     default=[1.0, 0.8, 0.6, 0.4], help="recency decays of the history embedding, the best on the "
                                                        "validation rows kept (1: the plain mean)")
     rt.set_defaults(out_is_folder=True)
+    g = sub.add_parser("gates", parents=[parent],
+                       help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
+    cli.student_flags(g)
+    g.add_argument("--teachers", type=teacher_arg, nargs="+", default=[gates.teacher_spec(t) for t in ("0", "mixed", "1")],
+                   help="a synthetic teacher's quality (0: random) or 'mixed', each with an optional ':flat' "
+                        "confidence (default honest), or a teacher cache folder (e.g. the retrieval teacher's)")
+    g.add_argument("--gates", type=choice_list(gates.GATES), default=list(gates.GATES),
+                   help="comma-separated, from " + ",".join(gates.GATES))
+    cli.split_flags(g)
+    g.set_defaults(students=["sasrec"], seeds=3)
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
-            "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval}
+            "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval,
+            "gates": gates.cmd_gates}
 
 
 def main(argv=None):
