@@ -8,13 +8,14 @@ base; with the mixed teacher (right on half the rows) a gate is a gain over full
 a good teacher it costs nothing (not a loss against full DLLM2Rec)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cache
 import cli
 import runs
 from common import UserError, write_json
-from dllm2rec import ROW_GATES
+from dllm2rec import ROW_GATES, row_gates
 from research import teachers
 from results import compare, correct, format_rows, pm, summarise
 
@@ -75,7 +76,7 @@ def cmd_gates(args, ds) -> dict:
     base = runs.train(p, ds, None, [{}], clock=clock)
     per_teacher = {}
     for name, t in made:
-        print(f"\nteacher {name}: {t.source}", flush=True)
+        print(f"\nteacher {name}: {t.source}\n{describe_gates(p.cfg, t, ds, args.gates)}", flush=True)
         per_teacher[name] = runs.train(p, ds, t, variants, clock=clock)
     every = base + [{**r, "teacher_name": name} for name, rs in per_teacher.items() for r in rs]
     if runs.save_shard(p, args.out, ds, every):
@@ -87,6 +88,18 @@ def cmd_gates(args, ds) -> dict:
         write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "gates": args.gates,
                                     "gate_floor": p.cfg.gate_floor, "table": table, "runs": every})
     return {"table": table, "runs": every}
+
+
+def describe_gates(cfg, t: cache.TeacherOutputs, ds, gates: list[str]) -> str:
+    """What each gate does to this teacher's covered training rows, before any batch scaling:
+    its mean, and the share of rows at the floor (the target gate: the list misses the target)."""
+    covered = t.splits["train"].rows
+    parts = []
+    for g in gates:
+        v = row_gates(replace(cfg, row_gate=g), t, ds.train.target).numpy()[covered]
+        parts.append(f"{g} gate mean {v.mean():.3f}, at the floor ({cfg.gate_floor}) on "
+                     f"{100 * (v <= cfg.gate_floor + 1e-6).mean():.1f}% of its {len(covered)} covered rows")
+    return "; ".join(parts)
 
 
 def gate_table(base: list[dict], per_teacher: dict, users) -> list[dict]:
