@@ -1678,11 +1678,15 @@ def test_teacher_cache_of_other_data_is_refused(tmp_path):
 def test_official_files_export_import_and_refusals(tmp_path, capsys):
     ds = tiny_dataset()
     t = random_teacher(ds)
+    s = t.splits["train"]
+    s.ids[5, 2] = ds.train.target[s.rows[5]]                          # a hit for the target gate
     C.export_official(t, tmp_path, ds)
     back = C.load_teacher(tmp_path, ds)
     assert np.array_equal(back.splits["train"].ids, t.splits["train"].ids)
     assert np.allclose(back.splits["train"].dist, t.splits["train"].dist, rtol=1e-6)
     assert np.array_equal(back.item_emb, t.item_emb)
+    gate = lambda teacher: D.row_gates(D.Config(row_gate="target"), teacher, ds.train.target)
+    assert torch.equal(gate(back), gate(t)) and gate(back)[s.rows[5]] > 0.1 + 0.9 / math.log2(1 + 4)
     lines = (tmp_path / "myrank_train.txt").read_text().splitlines()
     (tmp_path / "myrank_train.txt").write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # two rows swapped
     with pytest.raises(C.TeacherError, match="myrank_train.txt: changed since it was written"):
