@@ -419,11 +419,13 @@ def epoch_batches(n: int, cfg: Config, device, full_only: bool) -> list[torch.Te
     return list((order[:n - n % cfg.batch_size] if full_only else order).split(cfg.batch_size))
 
 
-def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, subsets: dict | None = None) -> dict:
+def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, subsets: dict | None = None,
+        keep_best: bool = False) -> dict:
     """Train one student: epochs of steps until validation NDCG@20 has not improved for
     `patience` epochs; report test at the selected epoch (official protocol: select and stop on
     test, evaluate with dropout on). teacher: cache.TeacherOutputs (needed when distilled);
-    subsets: {name: data.Split} also evaluated at every selected epoch."""
+    subsets: {name: data.Split} also evaluated at every selected epoch; keep_best: also return
+    the model at the selected epoch (under "model", for a trained-model teacher)."""
     if cfg.distilled and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
     teacher = teacher if cfg.distilled else None
@@ -451,7 +453,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
         ranks[name] = target_ranks(model, *split_t, dropout_on=cfg.official_protocol)
         return metrics_from_ranks(ranks[name])
 
-    history, best, bad_epochs, best_test_ranks = [], None, 0, None
+    history, best, bad_epochs, best_test_ranks, best_state = [], None, 0, None, None
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -474,9 +476,14 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
             raise FloatingPointError(f"{cfg.student} {cfg.variant}: loss became {loss} at epoch {epoch}")
         best, bad_epochs = (history[-1], 0) if improved else (best, bad_epochs + 1)
         best_test_ranks = ranks["test"] if improved else best_test_ranks
+        if improved and keep_best:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if bad_epochs >= cfg.patience:
             break
+    if keep_best:
+        model.load_state_dict(best_state)
     return {
+        **({"model": model.eval()} if keep_best else {}),
         "config": asdict(cfg), "variant": cfg.variant, "seed": cfg.seed, "dataset": ds.name,
         "fingerprint": ds.fingerprint, "device": str(device), "teacher": teacher.source if teacher is not None else None,
         "teacher_rows_covered": int(tt[2].sum()) if tt else None, "epochs": history,

@@ -8,7 +8,7 @@ import cli
 import students
 from common import at_least, between, checked, choice_list
 from dllm2rec import Config
-from research import ablation, bench, compare, gates, mechanism, retrieval, teachers
+from research import ablation, bench, compare, gates, mechanism, model_teacher, retrieval, teachers
 
 
 def confidence_flag(p) -> None:
@@ -93,6 +93,9 @@ def add_commands(sub, parent) -> dict:
                     default=[1.0, 0.8, 0.6, 0.4], help="recency decays of the history embedding, the best on the "
                                                        "validation rows kept (1: the plain mean)")
     rt.set_defaults(out_is_folder=True)
+    mt = sub.add_parser("model-teacher", parents=[parent],
+                        help="a teacher cache from an ensemble of recommenders trained on the training rows only")
+    model_teacher.flags(mt)
     g = sub.add_parser("gates", parents=[parent],
                        help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
     cli.student_flags(g)
@@ -105,7 +108,7 @@ def add_commands(sub, parent) -> dict:
     g.set_defaults(students=["sasrec"], seeds=3)
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
             "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval,
-            "gates": gates.cmd_gates}
+            "gates": gates.cmd_gates, "model-teacher": model_teacher.cmd_model_teacher}
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache import TeacherOutputs, TopN
+from cache import TeacherOutputs, TopN, checksum
 from common import UserError
 
 CONFIDENCE = ("honest", "flat")
@@ -154,3 +154,22 @@ def retrieval_teacher(ds, z: np.ndarray, top_n: int, decay: float, source: str) 
         ids, dist = retrieve(split, z, top_n, decay)
         splits[name] = TopN(np.arange(len(split)), ids, dist)
     return TeacherOutputs(z.astype(np.float32), splits, source=source)
+
+
+# ============================================================================ the control: a teacher's random twin
+def random_twin(t: TeacherOutputs, n_items: int, seed: int = 0) -> TeacherOutputs:
+    """A teacher that knows nothing, shaped like t (SPEC 8, controls): the same rows and K, each
+    row's own distances (so the same distance distribution, nearest first), but its candidates K
+    distinct items drawn uniformly at random (so each distance lands on a random item, at a random
+    rank of the catalogue), and item features standard normal noise rescaled to t's per-column
+    mean and std (the same size and scale). Every split of t gets a twin."""
+    g = np.random.default_rng(seed)
+    mean, std = t.item_emb.mean(0, keepdims=True), t.item_emb.std(0, keepdims=True)
+    features = (mean + std * g.standard_normal(t.item_emb.shape)).astype(np.float32)
+    splits = {}
+    for name, s in t.splits.items():
+        ids = random_outside(g, n_items, np.zeros((len(s.rows), 0), np.int64), s.ids.shape[1])
+        splits[name] = TopN(s.rows.copy(), ids, s.dist.copy())
+    return TeacherOutputs(features, splits, {"teacher": {"kind": "random twin", "of": t.manifest.get("teacher", {}),
+                                                         "of_checksum": checksum(t), "seed": seed}},
+                          source=f"random twin of: {t.source} (random candidates, its distances, noise features)")
