@@ -76,6 +76,15 @@ def split_flags(p) -> None:
                         "runs still missing are named")
 
 
+def lam_grid_flag(p) -> None:
+    """--lams: lam chosen on validation from a grid, as the paper tunes lambda_d."""
+    p.add_argument("--lams", type=checked(float, lambda v: None if 0 <= v and math.isfinite(v) else "must be >= 0"),
+                   nargs="+", default=[], metavar="LAM",
+                   help="a grid of lam values (the paper's {0.1, ..., 1.0}, e.g. 0.1 0.3 0.7 1.0): every distilled "
+                        "variant with L_rank runs at each over --seeds, and the value of the best mean validation "
+                        "NDCG@20 is kept per student, variant and teacher (the table prints it); default: --lam alone")
+
+
 def config(args) -> Config:
     """The student Config of a command line; --official turns on every official_* switch."""
     official = {f.name: True for f in fields(Config) if f.name.startswith("official_")} if args.official else {}
@@ -99,7 +108,8 @@ def plan(args, ds, top_n: int | None, **over) -> runs.Plan:
     return runs.Plan(**{"cfg": cfg, "students": args.students, "seeds": args.seeds, "device": device,
                         "shard": getattr(args, "run_shard", None),
                         "earlier": runs.earlier_runs(getattr(args, "reuse", []), ds), "verbose": args.verbose,
-                        "reuse_only": getattr(args, "reuse_only", False), **over})
+                        "reuse_only": getattr(args, "reuse_only", False),
+                        "lams": tuple(dict.fromkeys(getattr(args, "lams", None) or ())), **over})
 
 
 def ranking_share(covered: int, n_train: int, cfg: Config) -> str:
@@ -125,9 +135,9 @@ def cmd_train(args, ds) -> dict:
     trained = runs.train(p, ds, teacher, variants)
     if runs.save_shard(p, args.out, ds, trained):
         return {"runs": trained}
-    summary = summarise(trained, users=ds.test.user)
+    summary = summarise(runs.choose_lam(trained, p.lams), users=ds.test.user)
     print(format_table(summary))
-    if teacher is not None:
+    if teacher is not None and not p.lams:
         print(ranking_share(len(teacher.splits["train"].rows), len(ds.train), p.cfg))
     runs.save_results(args.out, ds, trained, summary)
     return {"summary": summary, "runs": trained}
@@ -199,6 +209,7 @@ def add_commands(sub, parent) -> dict:
     t.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the undistilled runs")
     t.add_argument("--ablations", type=choice_list(ABLATIONS), default=[],
                    help=f"comma-separated, from {','.join(ABLATIONS)}")
+    lam_grid_flag(t)
     split_flags(t)
     r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
                                                            "DLLM2Rec (the default command)")

@@ -129,6 +129,9 @@ def summarise(runs: list[dict], against: dict | None = None, users: np.ndarray |
                                           "converged": all(r["converged"] for r in rs)}
         for m in (HR, NDCG):
             line[m], line[m + "_std"] = mean_std([r["test"][m] for r in rs])
+        cfg, line["lam"], line["lam_grid"] = rs[0]["config"], None, None
+        if cfg["distilled"] and cfg["ablation"] != "no_rank":     # the lam L_rank acted with, and how it was set
+            line["lam"], line["lam_grid"] = cfg["lam"], rs[0].get("lam_grid")
     for (student, variant), line in lines.items():
         ref_name = (against or {}).get(variant, None if against else "base")
         ref = lines.get((student, ref_name))
@@ -154,21 +157,31 @@ def pm(mean: float, std: float) -> str:
     return f"{mean:.4f}±{std:.4f}"
 
 
+def lam_cell(line: dict) -> str | None:
+    """The lam a line's ranking term acted with: "0.3 (val)" where chosen on validation from a grid,
+    "0.7" where fixed; None where L_rank is off."""
+    if line.get("lam") is None:
+        return None
+    return f"{line['lam']:g}" + (" (val)" if line.get("lam_grid") else "")
+
+
 def format_table(lines: list[dict], floor: dict | None = None) -> str:
     """The results table of summarise's lines; floor: {label: metrics} rows printed first
     (popularity, teacher)."""
-    rows = [[label, None, f"{m[HR]:.4f}", f"{m[NDCG]:.4f}"] for label, m in (floor or {}).items()]
+    rows = [[label, None, None, f"{m[HR]:.4f}", f"{m[NDCG]:.4f}"] for label, m in (floor or {}).items()]
     for l in lines:
         change = f"{100 * l['change_NDCG@20']:+.1f}% vs {l['against']}" if l["change_NDCG@20"] is not None else None
-        rows.append([f"{l['student']} {l['variant']}", l["seeds"], pm(l[HR], l[HR + "_std"]), pm(l[NDCG], l[NDCG + "_std"]),
+        rows.append([f"{l['student']} {l['variant']}", lam_cell(l), l["seeds"], pm(l[HR], l[HR + "_std"]),
+                     pm(l[NDCG], l[NDCG + "_std"]),
                      change, l.get("seed_noise"), f"{l['paired']['p_holm']:.4f}" if l.get("paired") else None,
                      (l["verdict"] or "") + ("" if l["converged"] else " (not converged: epoch cap)")])
     unit = next((l["paired"]["unit"] for l in lines if l.get("paired")), None)
     over = {"users": " over users (each user's NDCG@20 averaged over its test rows and the seeds)",
             "rows": " over test rows (the data has no users; per-row NDCG@20 averaged over seeds)", None: ""}[unit]
-    return format_rows(["", "seeds", HR, NDCG, "change in NDCG@20", "seeds say", "p (Holm)", "verdict"], rows,
-                       left=(0, 4, 5, 7), notes=(
-                           "test metrics at the epoch of best validation NDCG@20, mean ± std over seeds. A change is a "
+    return format_rows(["", "lam", "seeds", HR, NDCG, "change in NDCG@20", "seeds say", "p (Holm)", "verdict"], rows,
+                       left=(0, 5, 6, 8), notes=(
+                           "test metrics at the epoch of best validation NDCG@20, mean ± std over seeds; lam: L_rank's "
+                           "weight, (val): chosen from a grid on validation NDCG@20. A change is a "
                            "gain or a loss only when both agree, in the test statistic's direction: beyond twice the "
                            f"combined std of the seeds, and p < {P_LEVEL} after Holm's correction over the table's "
                            f"comparisons (Wilcoxon signed-rank{over})"))

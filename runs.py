@@ -32,6 +32,7 @@ class Plan:
     earlier: dict = field(default_factory=dict)   # {run_key: run}: runs of --reuse's files
     verbose: bool = False
     reuse_only: bool = False                 # train nothing: runs not in `earlier` are left out, and named
+    lams: tuple = ()                         # a lam grid: each distilled variant with L_rank at every value (choose_lam)
 
 
 class RunClock:
@@ -121,15 +122,24 @@ def find_earlier(earlier: dict, fingerprint: str, teacher_checksum: str | None, 
 
 
 # ============================================================================ the runs
-def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | None = None) -> list[dict]:
+def with_lam_grid(over: dict, cfg: Config, lams: tuple) -> list[dict]:
+    """A variant's overrides once per lam of the grid where its ranking term acts (distilled, not
+    no_rank, lam not set by the variant itself), else once as given."""
+    acts = over.get("distilled") and over.get("ablation", cfg.ablation) != "no_rank" and "lam" not in over
+    return [{**over, "lam": lam} for lam in lams] if lams and acts else [over]
+
+
+def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | None = None, say=print) -> list[dict]:
     """fit every (student, variant, seed) of the plan, with the elapsed time and an ETA after each
     run (clock: of a command that calls this more than once). variants: a list of Config
     overrides, e.g. {} (the base), {"distilled": True, "ablation": "no_wp"}; an override "label"
     names the variant in the table (default: Config.variant); a dict {student: list} gives each
-    student its own. A run found in plan.earlier is taken from there; with a shard only the
-    command's runs i, i+n, i+2n ... (0-based) are trained and the others left out."""
+    student its own; with plan.lams every distilled variant runs at each lam of the grid (choose_lam
+    keeps one). A run found in plan.earlier is taken from there; with a shard only the command's
+    runs i, i+n, i+2n ... (0-based) are trained and the others left out. say: where progress goes."""
     per_student = variants if isinstance(variants, dict) else {s: variants for s in plan.students}
-    todo = [(student, over, seed) for student in plan.students for over in per_student[student]
+    todo = [(student, grid_over, seed) for student in plan.students for over in per_student[student]
+            for grid_over in with_lam_grid(over, plan.cfg, plan.lams)
             for seed in range(plan.cfg.seed, plan.cfg.seed + plan.seeds)]
     clock = clock or RunClock(len(todo), plan.shard)
     teacher_checksum = cache.checksum(teacher) if teacher is not None else None
@@ -145,21 +155,45 @@ def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | Non
         if taken is not None:
             clock.taken()
             runs.append({**taken, "variant": label})
-            print(f"{student} {label} seed {seed}: taken from {taken['from']} (test NDCG@20 "
+            say(f"{student} {label} seed {seed}: taken from {taken['from']} (test NDCG@20 "
                   f"{taken['test']['NDCG@20']:.4f})", flush=True)
             continue
         if plan.reuse_only:
-            print(f"{student} {label} seed {seed}: MISSING (--reuse-only: not trained; its line has fewer seeds)",
+            say(f"{student} {label} seed {seed}: MISSING (--reuse-only: not trained; its line has fewer seeds)",
                   flush=True)
             continue
-        print(f"{student} {label} seed {seed} on {plan.device}", flush=True)
+        say(f"{student} {label} seed {seed} on {plan.device}", flush=True)
         r = fit(ds, cfg, teacher, plan.device, log=print if plan.verbose else (lambda *_: None), subsets=subsets)
         r["variant"], r["teacher_checksum"] = label, teacher_checksum
         runs.append(r)
-        print(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
+        say(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
               f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
               f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)
     return runs
+
+
+def choose_lam(runs: list[dict], lams: tuple) -> list[dict]:
+    """lam chosen on validation, as the paper tunes lambda_d: for each (student, variant, teacher)
+    trained over the grid, the lam whose runs have the best mean validation NDCG@20 over their
+    seeds (ties: the first in the grid); its runs are kept, each recording the grid's means
+    ("lam_grid") and the choice ("lam_chosen"). Runs of variants off the grid pass through."""
+    if not lams:
+        return runs
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["config"]["student"], r["variant"], r["teacher_checksum"]), []).append(r)
+    kept = []
+    for rs in groups.values():
+        by_lam = {}
+        for r in rs:
+            by_lam.setdefault(r["config"]["lam"], []).append(r)
+        if len(by_lam) == 1 and not all(r["config"]["distilled"] and r["config"]["ablation"] != "no_rank" for r in rs):
+            kept += rs
+            continue
+        means = {lam: sum(r["val"]["NDCG@20"] for r in by_lam[lam]) / len(by_lam[lam]) for lam in lams if lam in by_lam}
+        best = max(means, key=lambda lam: (means[lam], -lams.index(lam)))
+        kept += [{**r, "lam_chosen": best, "lam_grid": {str(k): v for k, v in means.items()}} for r in by_lam[best]]
+    return kept
 
 
 # ============================================================================ results files

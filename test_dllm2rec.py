@@ -35,7 +35,7 @@ import step as ST
 import students as S
 import teacher as T
 from common import UserError, at_the_boundary, from_args, write_json
-from research import ablation as ABL, commands as RC, gates as G, mechanism as MECH, teachers as SY
+from research import ablation as ABL, commands as RC, gates as G, mechanism as MECH, model_teacher as MT, teachers as SY
 
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", "unset: set DLLM2REC_ML100K"))
 LASTFM = Path(os.environ.get("DLLM2REC_LASTFM", "unset: set DLLM2REC_LASTFM"))
@@ -44,7 +44,8 @@ needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and im
 
 
 # ============================================================================ helpers and fixtures
-RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher", "gates")   # python -m research
+RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher", "gates", "model-teacher",
+            "knowledge")   # python -m research
 
 
 def main(argv):
@@ -1257,6 +1258,149 @@ def test_gates_command_refuses_bad_teachers_and_a_fixed_gate_in_one_line(argv, m
     monkeypatch.setattr(data, "load_dataset", lambda *a: tiny_dataset(n_items=30, rows=(300, 40, 40)))
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(["gates", "--epochs", "1", *argv])
+
+
+# ---------------------------------------------------------------------------- the trained-model teacher, random twins, lam on validation
+def test_model_teacher_sees_the_training_rows_only_and_ranks_by_the_ensemble_log_probability():
+    """Validation and test rows replaced or removed: the same cache to the last bit. Each row's
+    list is the slow per-row argsort of the members' mean log_softmax, d = -log p; the held-out
+    rows are the last training rows."""
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    other = tiny_dataset(n_items=30, rows=(300, 40, 40), seed=9)
+    empty = data.Split(np.zeros((0, 10), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    cfg = D.Config(epochs=2, batch_size=64, patience=1)
+    make = lambda d: MT.model_teacher(d, cfg, ["sasrec", "gru4rec"], 2, 0.2, 12, log=lambda *a, **k: None)
+    t, models = make(ds)
+    for d in (data.Dataset(ds.name, 30, ds.titles, ds.train, other.val, other.test),
+              data.Dataset(ds.name, 30, ds.titles, ds.train, empty, empty)):
+        assert C.checksum(make(d)[0]) == C.checksum(t)
+    inner = MT.inner_split(ds, 0.2)
+    assert len(inner.train) == 240 and np.array_equal(inner.val.target, ds.train.target[240:])
+    assert len(models) == 4 and t.item_emb.shape == (30, 4 * cfg.dim) and t.top_n == 12
+    h, l = (torch.as_tensor(a) for a in (ds.train.hist, ds.train.lens))
+    with torch.no_grad():
+        for r in (0, 7, 299):
+            lp = np.mean([torch.log_softmax(m.score_all(m(h[r:r + 1], l[r:r + 1])).double(), 1)[0].numpy()
+                          for m in models], axis=0)
+            order = sorted(range(30), key=lambda j: -lp[j])[:12]
+            assert list(t.splits["train"].ids[r]) == order
+            assert np.allclose(t.splits["train"].dist[r], -lp[order], atol=1e-5)
+    share = MT.in_sample_share(t, ds, 10, 240)
+    hit = [ds.train.target[r] in set(t.splits["train"].ids[r, :10]) for r in range(300)]
+    assert share["fitted rows"] == np.mean(hit[:240]) and share["held-out rows"] == np.mean(hit[240:])
+
+
+def test_model_teacher_command_writes_a_cache_with_its_report(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    for argv, message in ((["--top-n", "5"], "--top-n 5: must be at least --k 10 and 20"),
+                          (["--holdout", "1"], "--holdout"), (["--students", "bert"], "--students")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(["model-teacher", "--out", str(tmp_path / "m"), *argv])
+    main(["model-teacher", "--out", str(tmp_path / "m"), "--epochs", "1", "--seeds", "1", "--batch-size", "64"])
+    t = C.load_teacher(tmp_path / "m", ds)
+    printed = capsys.readouterr().out
+    assert set(t.manifest["teacher"]["metrics"]) == {"val", "test"} and "not an LLM" in t.manifest["teacher"]["kind"]
+    assert "trained-model teacher" in printed and "holds their own target" in printed and t.top_n == 20
+
+
+def test_random_twin_keeps_rows_k_and_distances_and_draws_candidates_and_features_at_random():
+    ds = tiny_dataset(n_items=40, rows=(500, 20, 20))
+    t = SY.synthetic_teacher(ds, 1.0, 10, "honest", seed=2)
+    t.item_emb = (3 + 5 * t.item_emb).astype(np.float32)                   # a scale of its own
+    twin = SY.random_twin(t, ds.n_items, seed=1)
+    a, b = t.splits["train"], twin.splits["train"]
+    assert np.array_equal(a.rows, b.rows) and np.array_equal(a.dist, b.dist) and b.ids.shape == a.ids.shape
+    assert all(len(set(row)) == 10 for row in b.ids) and b.ids.min() >= 0 and b.ids.max() < 40
+    assert (a.ids == b.ids).mean() < 0.1                                   # random: rarely where the teacher's are
+    seen = np.bincount(b.ids.ravel(), minlength=40) / b.ids.size            # each item about equally often
+    assert np.abs(seen - 1 / 40).max() < 0.01
+    assert twin.item_emb.shape == t.item_emb.shape
+    assert np.allclose(twin.item_emb.std(0), t.item_emb.std(0), rtol=0.3)
+    assert np.allclose(twin.item_emb.mean(0), t.item_emb.mean(0), atol=0.5 * t.item_emb.std(0).max())
+    centred = lambda z: (z - z.mean(0)).ravel()                            # no item's features carried over
+    assert abs(np.corrcoef(centred(twin.item_emb), centred(t.item_emb))[0, 1]) < 0.1
+    assert C.checksum(SY.random_twin(t, ds.n_items, seed=1)) == C.checksum(twin) != C.checksum(t)
+
+
+def fake_run(student, variant, lam, val, seed=0, distilled=True, ablation="none"):
+    return {"config": {"student": student, "lam": lam, "distilled": distilled, "ablation": ablation}, "seed": seed,
+            "variant": variant, "teacher_checksum": "t" if distilled else None, "val": {"NDCG@20": val}}
+
+
+def test_choose_lam_keeps_the_grid_value_of_the_best_mean_validation_ndcg():
+    grid = (0.1, 0.3, 0.7)
+    rs = [fake_run("sasrec", "base", 0.7, 0.5, distilled=False)]
+    rs += [fake_run("sasrec", "dllm2rec", lam, v, seed) for lam, vs in ((0.1, (0.2, 0.4)), (0.3, (0.31, 0.31)),
+                                                                        (0.7, (0.5, 0.0))) for seed, v in enumerate(vs)]
+    rs += [fake_run("dros", "dllm2rec", lam, 0.3, seed) for lam in grid for seed in (0, 1)]        # a tie: the first
+    rs += [fake_run("sasrec", "dllm2rec-no_rank", 0.7, 0.9, ablation="no_rank")]
+    kept = runs.choose_lam(rs, grid)
+    by = {}
+    for r in kept:
+        by.setdefault((r["config"]["student"], r["variant"]), []).append(r)
+    assert [r["config"]["lam"] for r in by["sasrec", "dllm2rec"]] == [0.3, 0.3]       # means .30, .31, .25
+    assert by["sasrec", "dllm2rec"][0]["lam_grid"] == {"0.1": pytest.approx(0.3), "0.3": 0.31, "0.7": 0.25}
+    assert [r["config"]["lam"] for r in by["dros", "dllm2rec"]] == [0.1, 0.1]
+    assert len(by["sasrec", "base"]) == 1 and len(by["sasrec", "dllm2rec-no_rank"]) == 1
+    assert runs.choose_lam(rs, ()) is rs
+    cfg = D.Config()
+    assert runs.with_lam_grid({"distilled": True, "ablation": "no_rank"}, cfg, grid) == [{"distilled": True, "ablation": "no_rank"}]
+    assert [o["lam"] for o in runs.with_lam_grid({"distilled": True}, cfg, grid)] == list(grid)
+    assert runs.with_lam_grid({}, cfg, grid) == [{}]
+
+
+def test_train_with_a_lam_grid_trains_each_value_and_prints_the_one_chosen_on_validation(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    src = random_teacher(ds)
+    C.write_cache(tmp_path / "t", ds, src.item_emb, src.splits, {"model": "random"})
+    out = main(["train", "--teacher", str(tmp_path / "t"), "--students", "sasrec", "--epochs", "1", "--batch-size", "64",
+                "--lams", "0.1", "1.0", "--seeds", "2", "--ablations", "no_rank", "--out", str(tmp_path / "r.json")])
+    assert sorted(r["config"]["lam"] for r in out["runs"] if r["variant"] == "dllm2rec") == [0.1, 0.1, 1.0, 1.0]
+    full = next(l for l in out["summary"] if l["variant"] == "dllm2rec")
+    means = {lam: np.mean([r["val"]["NDCG@20"] for r in out["runs"] if r["variant"] == "dllm2rec"
+                           and r["config"]["lam"] == lam]) for lam in (0.1, 1.0)}
+    assert full["lam"] == max(means, key=lambda k: (means[k], -k)) and full["seeds"] == 2
+    assert f"{full['lam']:g} (val)" in capsys.readouterr().out
+    assert next(l for l in out["summary"] if l["variant"] == "dllm2rec-no_rank")["lam"] is None
+
+
+def test_knowledge_command_compares_each_teacher_with_its_twin_holm_within_each_family(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    ds.test.user = np.arange(len(ds.test)) % 9
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    src = random_teacher(ds)
+    C.write_cache(tmp_path / "t", ds, src.item_emb, src.splits, {"model": "random", "metrics": {
+        "test": {"HR@20": 0.5, "NDCG@20": 0.25}}})
+    with pytest.raises(SystemExit, match="--ablation-students gru4rec: not among --students sasrec"):
+        main(["knowledge", "--teachers", str(tmp_path / "t"), "--students", "sasrec", "--ablation-students", "gru4rec"])
+    argv = ["knowledge", "--teachers", str(tmp_path / "t"), "--students", "sasrec,gru4rec", "--ablation-students",
+            "sasrec", "--ablations", "no_wp,no_rank", "--lams", "0.3", "1", "--seeds", "2", "--epochs", "1",
+            "--batch-size", "64"]
+    out = main(argv)
+    assert len(out["runs"]) == 2 * (2 * (1 + 2 * 2) + 2)
+    lines = {(l["student"], l["teacher"], l["variant"]): l for l in out["table"]}
+    full, twin = lines["sasrec", "t", "dllm2rec"], lines["sasrec", "t (random twin)", "dllm2rec"]
+    assert set(full["vs"]) == {"base", "twin"} and set(twin["vs"]) == {"base"}
+    assert full["vs"]["twin"]["family"] == "knowledge" and twin["vs"]["base"]["family"] == "control"
+    ablated = lines["sasrec", "t", "dllm2rec-no_wp"]
+    assert ablated["lam"] == full["lam"] and ablated["vs"]["full"]["family"] == "parts"
+    assert ("gru4rec", "t", "dllm2rec-no_wp") not in lines
+    sizes = {c["family"]: c["paired"]["family_size"] for l in out["table"] for c in l["vs"].values()}
+    assert sizes == {"lift": 2, "knowledge": 2, "control": 2, "parts": 2, "parts vs base": 2}
+    ps = [l["vs"]["twin"]["paired"] for l in out["table"] if "twin" in l["vs"]]
+    assert [p["p_holm"] for p in ps] == pytest.approx(R.holm([p["p"] for p in ps]))
+    printed = capsys.readouterr().out
+    assert "vs twin" in printed and "the teachers' own test metrics" in printed and "0.2500" in printed
+    shards = [tmp_path / f"s{i}.json" for i in range(4)]
+    for i in range(2):                                     # shards: the grid first, the ablations wait for it
+        main(argv + ["--shard", f"{i}/2", "--out", str(shards[i])])
+    assert "wait for the lam grid" in capsys.readouterr().out
+    for i in range(2):                                     # again with the grid's files: the ablations
+        main(argv + ["--shard", f"{i}/2", "--reuse", *map(str, shards[:2]), "--out", str(shards[2 + i])])
+    again = main(argv + ["--reuse", *map(str, shards), "--reuse-only"])
+    assert [l["NDCG@20"] for l in again["table"]] == [l["NDCG@20"] for l in out["table"]]
 
 
 def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():

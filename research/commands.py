@@ -8,7 +8,7 @@ import cli
 import students
 from common import at_least, between, checked, choice_list
 from dllm2rec import Config
-from research import ablation, bench, compare, gates, mechanism, model_teacher, retrieval, teachers
+from research import ablation, bench, compare, gates, knowledge, mechanism, model_teacher, retrieval, teachers
 
 
 def confidence_flag(p) -> None:
@@ -96,6 +96,9 @@ def add_commands(sub, parent) -> dict:
     mt = sub.add_parser("model-teacher", parents=[parent],
                         help="a teacher cache from an ensemble of recommenders trained on the training rows only")
     model_teacher.flags(mt)
+    kn = sub.add_parser("knowledge", parents=[parent],
+                        help="each teacher against its random twin, lam chosen on validation, with the ablations")
+    knowledge.flags(kn)
     g = sub.add_parser("gates", parents=[parent],
                        help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
     cli.student_flags(g)
@@ -108,7 +111,8 @@ def add_commands(sub, parent) -> dict:
     g.set_defaults(students=["sasrec"], seeds=3)
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
             "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval,
-            "gates": gates.cmd_gates, "model-teacher": model_teacher.cmd_model_teacher}
+            "gates": gates.cmd_gates, "model-teacher": model_teacher.cmd_model_teacher,
+            "knowledge": knowledge.cmd_knowledge}
 
 
 def main(argv=None):
