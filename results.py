@@ -6,6 +6,7 @@ agree, and the one table formatter that every command's table goes through."""
 from __future__ import annotations
 
 import math
+from itertools import combinations
 
 import numpy as np
 
@@ -185,3 +186,24 @@ def format_table(lines: list[dict], floor: dict | None = None) -> str:
                            "gain or a loss only when both agree, in the test statistic's direction: beyond twice the "
                            f"combined std of the seeds, and p < {P_LEVEL} after Holm's correction over the table's "
                            f"comparisons (Wilcoxon signed-rank{over})"))
+
+
+# ============================================================================ the rule's own false-positive rate
+def false_positive_rate(runs: list[dict], users: np.ndarray | None = None) -> dict:
+    """The verdict rule on runs of ONE configuration that differ only in the seed (2m runs): every
+    split into two groups of m seeds (each unordered split once), one group against the other as
+    a table compares two lines (one comparison: no correction). Any gain or loss is a false
+    positive. -> {"splits", "rule": share of splits called a gain or a loss, "paired alone": share
+    with paired p < P_LEVEL, "seeds alone": share beyond twice the combined std}."""
+    n = len(runs) - len(runs) % 2
+    m = n // 2
+    hits = {"rule": 0, "paired alone": 0, "seeds alone": 0}
+    splits = [a for a in combinations(range(n), m) if 0 in a]           # group a holds seed 0: each split once
+    for a in splits:
+        ga, gb = [runs[i] for i in a], [runs[i] for i in range(n) if i not in a]
+        (ma, sa), (mb, sb) = (mean_std([r["test"][NDCG] for r in g]) for g in (ga, gb))
+        pair = paired_test(ga, gb, users)
+        hits["rule"] += verdict(ma, sa, mb, sb, m, pair["p"], pair["z"]) in ("gain", "loss")
+        hits["paired alone"] += pair["p"] < P_LEVEL
+        hits["seeds alone"] += verdict(ma, sa, mb, sb, m) in ("gain", "loss")
+    return {"splits": len(splits), "seeds": n, **{k: v / max(len(splits), 1) for k, v in hits.items()}}

@@ -45,7 +45,7 @@ needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and im
 
 # ============================================================================ helpers and fixtures
 RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher", "gates", "model-teacher",
-            "knowledge")   # python -m research
+            "knowledge", "false-positives")   # python -m research
 
 
 def main(argv):
@@ -1401,6 +1401,25 @@ def test_knowledge_command_compares_each_teacher_with_its_twin_holm_within_each_
         main(argv + ["--shard", f"{i}/2", "--reuse", *map(str, shards[:2]), "--out", str(shards[2 + i])])
     again = main(argv + ["--reuse", *map(str, shards), "--reuse-only"])
     assert [l["NDCG@20"] for l in again["table"]] == [l["NDCG@20"] for l in out["table"]]
+
+
+def test_false_positive_rate_splits_the_seeds_in_two_and_counts_the_rules_calls(tmp_path, monkeypatch):
+    """Seeds 0 and 1 rank every target first, seeds 2 and 3 never in the top 20: of the three
+    splits of four seeds into two pairs only {0, 1} against {2, 3} differs, beyond the seeds' noise
+    and with p < .05 over 30 users."""
+    users = np.repeat(np.arange(30), 2)
+    run = lambda seed, rank: {"seed": seed, "test_ranks": [rank] * 60, "test": {"NDCG@20": 1.0 if rank == 0 else 0.0}}
+    f = R.false_positive_rate([run(0, 0), run(1, 0), run(2, 100), run(3, 100)], users)
+    assert f["splits"] == 3 and f["rule"] == pytest.approx(1 / 3) and f["paired alone"] == pytest.approx(1 / 3)
+    same = R.false_positive_rate([run(s, 3) for s in range(6)], users)
+    assert same["splits"] == 10 and same["rule"] == same["paired alone"] == same["seeds alone"] == 0
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    ds.test.user = np.arange(len(ds.test)) % 9
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    with pytest.raises(SystemExit, match="--seeds 3: an even number"):
+        main(["false-positives", "--seeds", "3"])
+    out = main(["false-positives", "--seeds", "4", "--epochs", "1", "--batch-size", "64"])
+    assert set(out["rates"]) == {"sasrec base", "sasrec dllm2rec"} and out["rates"]["sasrec base"]["splits"] == 3
 
 
 def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():

@@ -8,7 +8,7 @@ import cli
 import students
 from common import at_least, between, checked, choice_list
 from dllm2rec import Config
-from research import ablation, bench, compare, gates, knowledge, mechanism, model_teacher, retrieval, teachers
+from research import ablation, bench, compare, false_positives, gates, knowledge, mechanism, model_teacher, retrieval, teachers
 
 
 def confidence_flag(p) -> None:
@@ -99,6 +99,9 @@ def add_commands(sub, parent) -> dict:
     kn = sub.add_parser("knowledge", parents=[parent],
                         help="each teacher against its random twin, lam chosen on validation, with the ablations")
     knowledge.flags(kn)
+    fp = sub.add_parser("false-positives", parents=[parent],
+                        help="the verdict rule's false-positive rate: runs of one configuration, seeds split in two")
+    false_positives.flags(fp)
     g = sub.add_parser("gates", parents=[parent],
                        help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
     cli.student_flags(g)
@@ -112,7 +115,7 @@ def add_commands(sub, parent) -> dict:
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
             "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval,
             "gates": gates.cmd_gates, "model-teacher": model_teacher.cmd_model_teacher,
-            "knowledge": knowledge.cmd_knowledge}
+            "knowledge": knowledge.cmd_knowledge, "false-positives": false_positives.cmd_false_positives}
 
 
 def main(argv=None):
