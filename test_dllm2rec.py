@@ -1422,6 +1422,28 @@ def test_false_positive_rate_splits_the_seeds_in_two_and_counts_the_rules_calls(
     assert set(out["rates"]) == {"sasrec base", "sasrec dllm2rec"} and out["rates"]["sasrec base"]["splits"] == 3
 
 
+def test_gate_table_counts_each_distinct_comparison_once_and_none_between_the_same_runs():
+    """A gate that is 1 on every row trains full DLLM2Rec's runs again: its line against full is
+    no test, and its line against the base is full's own comparison, counted once in Holm's family."""
+    users = np.arange(30) % 10
+    def run(variant, seed, shift):
+        ranks = [int(r) for r in (np.arange(30) * 3 + shift) % 40]
+        return {"config": {"student": "sasrec", "distilled": variant != "base", "ablation": "none", "lam": 0.7},
+                "variant": variant, "seed": seed, "selected_epoch": 1, "converged": True, "test_ranks": ranks,
+                "test": {k: float(np.mean(metrics.ndcg_per_row(ranks))) for k in ("HR@20", "NDCG@20")}}
+    base = [run("base", s, 5 + s) for s in range(2)]
+    full = [run("dllm2rec", s, s) for s in range(2)]
+    gated = [{**r, "variant": "dllm2rec+confidence-gate"} for r in full]
+    other = [run("dllm2rec+target-gate", s, 2 * s + 1) for s in range(2)]
+    lines = G.gate_table(base, {"t": full + gated + other}, users)
+    by = {l["variant"]: l for l in lines}
+    assert by["dllm2rec+confidence-gate"]["vs"]["dllm2rec"]["verdict"] == "same runs"
+    assert by["dllm2rec+confidence-gate"]["vs"]["base"] is by["dllm2rec"]["vs"]["base"]
+    tested = {id(c): c for l in lines for c in l["vs"].values() if c.get("paired")}
+    ps = [c["paired"]["p"] for c in tested.values()]
+    assert len(tested) == 3 and sorted(c["paired"]["p_holm"] for c in tested.values()) == pytest.approx(sorted(R.holm(ps)))
+
+
 def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
     mixed = SY.mixed_teacher(ds, 10, seed=4)

@@ -102,10 +102,19 @@ def describe_gates(cfg, t: cache.TeacherOutputs, ds, gates: list[str]) -> str:
     return "; ".join(parts)
 
 
+def same_runs(a: list[dict], b: list[dict]) -> bool:
+    """Two lines of the same runs, seed for seed (e.g. a gate that is 1 on every row): the same
+    test ranks, so a comparison between them tests nothing."""
+    key = lambda rs: sorted((r["seed"], tuple(r["test_ranks"])) for r in rs)
+    return key(a) == key(b)
+
+
 def gate_table(base: list[dict], per_teacher: dict, users) -> list[dict]:
     """One line per (student, teacher, variant) with its comparisons: full DLLM2Rec against the
-    base; each gated variant against full DLLM2Rec and against the base. Holm over them all."""
-    lines, comparisons = [], []
+    base; each gated variant against full DLLM2Rec and against the base. Holm over them all, each
+    distinct comparison counted once: one between the same runs is no test ("same runs"), and one
+    of the same runs as another (a gated line equal to full DLLM2Rec, against the base) shares it."""
+    lines, comparisons, seen = [], [], []
     for name, trained in per_teacher.items():
         summary = summarise(base + trained, corrected=False)
         by = {(l["student"], l["variant"]): l for l in summary}
@@ -117,10 +126,16 @@ def gate_table(base: list[dict], per_teacher: dict, users) -> list[dict]:
             out.update(teacher=name, vs={})
             for ref in refs:
                 if (student, ref) in by:
-                    c = compare(line, by[student, ref], pick(student, variant, trained),
-                                pick(student, ref, base if ref == "base" else trained), users)
+                    mine, theirs = pick(student, variant, trained), pick(student, ref, base if ref == "base" else trained)
+                    if same_runs(mine, theirs):
+                        out["vs"][ref] = {"change_NDCG@20": 0.0, "paired": None, "verdict": "same runs"}
+                        continue
+                    twin = next((c for a, b, c in seen if same_runs(a, mine) and same_runs(b, theirs)), None)
+                    c = twin if twin is not None else compare(line, by[student, ref], mine, theirs, users)
                     out["vs"][ref] = c
-                    comparisons.append(c)
+                    if twin is None:
+                        seen.append((mine, theirs, c))
+                        comparisons.append(c)
             lines.append(out)
     correct(comparisons)
     return lines
