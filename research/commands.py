@@ -26,8 +26,8 @@ def teacher_arg(text: str) -> tuple:
 
 
 def add_commands(sub, parent) -> dict:
-    """mechanism, ablation, compare-teachers, bench and retrieval-teacher on the subparsers sub;
-    {name: function(args, ds)}."""
+    """mechanism, ablation, compare-teachers, bench, retrieval-teacher, model-teacher, knowledge,
+    false-positives and gates on the subparsers sub; {name: function(args, ds)}."""
     mc = sub.add_parser("mechanism", parents=[parent],
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
     cli.student_flags(mc)
@@ -93,15 +93,12 @@ def add_commands(sub, parent) -> dict:
                     default=[1.0, 0.8, 0.6, 0.4], help="recency decays of the history embedding, the best on the "
                                                        "validation rows kept (1: the plain mean)")
     rt.set_defaults(out_is_folder=True)
-    mt = sub.add_parser("model-teacher", parents=[parent],
-                        help="a teacher cache from an ensemble of recommenders trained on the training rows only")
-    model_teacher.flags(mt)
-    kn = sub.add_parser("knowledge", parents=[parent],
-                        help="each teacher against its random twin, lam chosen on validation, with the ablations")
-    knowledge.flags(kn)
-    fp = sub.add_parser("false-positives", parents=[parent],
-                        help="the verdict rule's false-positive rate: runs of one configuration, seeds split in two")
-    false_positives.flags(fp)
+    for name, module, text in (  # the commands that own their flags
+            ("model-teacher", model_teacher, "a teacher cache from an ensemble of recommenders trained on the training rows only"),
+            ("knowledge", knowledge, "each teacher against its random twin, lam chosen on validation, with the ablations"),
+            ("false-positives", false_positives, "the verdict rule's false-positive rate: runs of one configuration, "
+                                                 "seeds split in two")):
+        module.flags(sub.add_parser(name, parents=[parent], help=text))
     g = sub.add_parser("gates", parents=[parent],
                        help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
     cli.student_flags(g)
