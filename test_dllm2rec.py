@@ -1247,6 +1247,16 @@ def test_gates_command_compares_each_gate_with_full_and_the_base_holm_over_the_t
     assert merged["table"] == lines
 
 
+def test_gates_command_with_uniform_weights_compares_them_with_full_and_the_base(monkeypatch):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    out = main(["gates", "--epochs", "1", "--seeds", "1", "--batch-size", "64", "--teachers", "0", "--gates", "target",
+                "--uniform"])
+    by = {l["variant"]: l for l in out["table"]}
+    assert set(by) == {"base", "dllm2rec", "dllm2rec+target-gate", "dllm2rec-no_weights"}
+    assert set(by["dllm2rec-no_weights"]["vs"]) == {"dllm2rec", "base"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--teachers", "1.5"], "'1.5': a quality must be in [0, 1]"),
     (["--teachers", "mixed:warm"], "confidence 'warm', one of honest, flat"),
@@ -1442,6 +1452,33 @@ def test_gate_table_counts_each_distinct_comparison_once_and_none_between_the_sa
     tested = {id(c): c for l in lines for c in l["vs"].values() if c.get("paired")}
     ps = [c["paired"]["p"] for c in tested.values()]
     assert len(tested) == 3 and sorted(c["paired"]["p_holm"] for c in tested.values()) == pytest.approx(sorted(R.holm(ps)))
+
+
+def test_mixed_of_two_teachers_takes_each_ones_advice_on_half_the_rows_honest_or_flat(tmp_path, monkeypatch):
+    ds = tiny_dataset(n_items=40, rows=(400, 20, 20))
+    good, bad = SY.synthetic_teacher(ds, 1.0, 10, seed=1), random_teacher(ds, n=12, seed=2)
+    for confidence in SY.CONFIDENCE:
+        m = SY.mixed_of(good, bad, confidence, seed=3).splits["train"]
+        from_good = (m.ids == good.splits["train"].ids).all(1)
+        from_bad = (m.ids == bad.splits["train"].ids[:, :10]).all(1)
+        assert from_good.sum() == 200 and (from_good | from_bad).all() and m.ids.shape == (400, 10)
+        assert np.array_equal(m.dist[from_good], good.splits["train"].dist[from_good])
+        assert (np.diff(m.dist, axis=1) >= 0).all()
+        g = good.splits["train"].dist
+        if confidence == "honest":                         # every bad row farther than every good one
+            assert m.dist[from_bad, 0].min() >= g.max() and m.dist[from_good, 0].max() <= g.max()
+        else:                                              # a bad row carries a good row's distances
+            goods = {tuple(r) for r in g}
+            assert all(tuple(r) in goods for r in m.dist[from_bad])
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    for name, t in (("g", good), ("b", bad)):
+        C.write_cache(tmp_path / name, ds, t.item_emb, t.splits, {"model": name})
+    spec = G.teacher_spec(f"mix:{tmp_path / 'g'},{tmp_path / 'b'}:flat")
+    assert spec == ("mix", (str(tmp_path / "g"), str(tmp_path / "b")), "flat")
+    name, t = G.make_teacher(spec, ds, 10, 3, None, None)
+    assert name == "mixed g/b, flat" and t.manifest["right_rows"] == 200
+    with pytest.raises(ValueError, match="mix: takes two teacher cache folders"):
+        G.teacher_spec(f"mix:{tmp_path / 'g'}")
 
 
 def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():

@@ -104,7 +104,11 @@ def add_commands(sub, parent) -> dict:
     cli.student_flags(g)
     g.add_argument("--teachers", type=teacher_arg, nargs="+", default=[gates.teacher_spec(t) for t in ("0", "mixed", "1")],
                    help="a synthetic teacher's quality (0: random) or 'mixed', each with an optional ':flat' "
-                        "confidence (default honest), or a teacher cache folder (e.g. the retrieval teacher's)")
+                        "confidence (default honest), a teacher cache folder (e.g. the retrieval teacher's), or "
+                        "mix:GOOD,BAD[:flat]: two cache folders, GOOD's advice on a random half of the rows, BAD's on "
+                        "the rest")
+    g.add_argument("--uniform", action="store_true",
+                   help="also uniform weights w_r = 1/K (the no_weights ablation), against full DLLM2Rec and the base")
     g.add_argument("--gates", type=choice_list(gates.GATES), default=list(gates.GATES),
                    help="comma-separated, from " + ",".join(gates.GATES))
     cli.split_flags(g)

@@ -20,7 +20,7 @@ def cmd_false_positives(args, ds) -> dict:
     if p.seeds < 4 or p.seeds % 2:
         raise UserError(f"--seeds {p.seeds}: an even number, at least 4 (two groups of at least 2 seeds each)")
     kind, _, _ = args.teacher
-    if kind != "cache":
+    if kind not in ("cache", "mix"):
         teachers.check_room(ds, p.cfg.K)
     counts = teachers.transition_counts(ds)
     name, t = gates.make_teacher(args.teacher, ds, p.cfg.K, p.cfg.seed, counts, teachers.good_candidates(ds, counts, p.cfg.K))

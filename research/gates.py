@@ -22,9 +22,18 @@ from results import compare, correct, format_rows, pm, summarise
 GATES = tuple(g for g in ROW_GATES if g != "off")
 
 
-def teacher_spec(text: str) -> tuple[str, str | float, str]:
+def teacher_spec(text: str) -> tuple[str, str | float | tuple, str]:
     """--teachers' entries: a quality in [0, 1] or "mixed", each with an optional ":flat" or
-    ":honest" (default honest), or a teacher cache folder -> (kind, quality or path, confidence)."""
+    ":honest" (default honest), a teacher cache folder, or "mix:GOOD,BAD[:flat]", two cache
+    folders mixed row by row (teachers.mixed_of) -> (kind, quality, path or paths, confidence)."""
+    if text.startswith("mix:"):
+        paths, conf = text[4:], "honest"
+        if paths.rpartition(":")[2] in teachers.CONFIDENCE:
+            paths, _, conf = paths.rpartition(":")
+        folders = tuple(paths.split(","))
+        if len(folders) != 2 or not all(Path(f).is_dir() for f in folders):
+            raise ValueError(f"{text!r}: mix: takes two teacher cache folders, GOOD,BAD")
+        return "mix", folders, conf
     head, _, conf = text.partition(":")
     if conf and conf not in teachers.CONFIDENCE:
         raise ValueError(f"{text!r}: confidence {conf!r}, one of {', '.join(teachers.CONFIDENCE)}")
@@ -48,6 +57,9 @@ def make_teacher(spec: tuple, ds, K: int, seed: int, counts, good) -> tuple[str,
     kind, value, conf = spec
     if kind == "mixed":
         return f"mixed, {conf}", teachers.mixed_teacher(ds, K, conf, seed)
+    if kind == "mix":
+        good, bad = (cache.load_teacher(f, ds) for f in value)
+        return f"mixed {Path(value[0]).name}/{Path(value[1]).name}, {conf}", teachers.mixed_of(good, bad, conf, seed)
     if kind == "synthetic":
         name = "random" if value == 0 else f"quality {value:g}"
         return f"{name}, {conf}", teachers.synthetic_teacher(ds, value, K, conf, seed, counts, good)
@@ -59,7 +71,7 @@ def cmd_gates(args, ds) -> dict:
     if p.cfg.row_gate != "off":
         raise UserError(f"--row-gate {p.cfg.row_gate}: the gates command sets each run's gate itself (--gates)")
     K = p.cfg.K
-    if any(kind != "cache" for kind, _, _ in args.teachers):
+    if any(kind not in ("cache", "mix") for kind, _, _ in args.teachers):
         teachers.check_room(ds, K)
     counts = teachers.transition_counts(ds)
     good = teachers.good_candidates(ds, counts, K)
@@ -68,6 +80,7 @@ def cmd_gates(args, ds) -> dict:
         if t.top_n < K:
             raise UserError(f"--k {K}: more than the {t.top_n} candidates per row teacher {name} keeps")
     variants = [{"distilled": True}] + [{"distilled": True, "row_gate": g} for g in args.gates]
+    variants += [{"distilled": True, "ablation": "no_weights"}] if args.uniform else []
     clock = runs.RunClock(p.seeds * len(p.students) * (1 + len(made) * len(variants)), p.shard)
     print(f"{ds.summary()}\nROW GATES (beyond the paper) {', '.join(args.gates)}, floor {p.cfg.gate_floor}; "
           f"teachers: {'; '.join(t.source for _, t in made)}; {', '.join(p.students)}; {p.seeds} seeds; until "

@@ -173,3 +173,31 @@ def random_twin(t: TeacherOutputs, n_items: int, seed: int = 0) -> TeacherOutput
     return TeacherOutputs(features, splits, {"teacher": {"kind": "random twin", "of": t.manifest.get("teacher", {}),
                                                          "of_checksum": checksum(t), "seed": seed}},
                           source=f"random twin of: {t.source} (random candidates, its distances, noise features)")
+
+
+def mixed_of(good: TeacherOutputs, bad: TeacherOutputs, confidence: str = "honest", seed: int = 0) -> TeacherOutputs:
+    """Two teachers' advice on one set of training rows: good's on a random half of the rows,
+    bad's on the rest (e.g. the trained-model teacher and the harmful retrieval teacher), K the
+    smaller of the two; item features good's. Distances: *honest*, a bad row's sorted above every
+    good row's (good's largest distance plus the bad row's own distances less their minimum), so
+    that a row's nearest candidate tells the two apart; *flat*, a bad row takes the distances of a
+    random good row, so that nothing but the candidates themselves tells them apart."""
+    if confidence not in CONFIDENCE:
+        raise ValueError(f"confidence {confidence!r}: one of {', '.join(CONFIDENCE)}")
+    a, b = good.splits["train"], bad.splits["train"]
+    if not np.array_equal(a.rows, b.rows):
+        raise UserError("mixed teacher: the two teachers cover different training rows")
+    g = np.random.default_rng(seed)
+    n, K = len(a.rows), min(a.ids.shape[1], b.ids.shape[1])
+    right = np.zeros(n, bool)
+    right[g.permutation(n)[:n // 2]] = True
+    if confidence == "honest":
+        bad_dist = a.dist[:, :K].max() + (b.dist[:, :K] - b.dist[:, :1])
+    else:
+        bad_dist = a.dist[g.integers(0, n, n), :K]
+    ids = np.where(right[:, None], a.ids[:, :K], b.ids[:, :K])
+    dist = np.where(right[:, None], a.dist[:, :K], bad_dist).astype(np.float32)
+    return TeacherOutputs(good.item_emb, {"train": TopN(a.rows.copy(), ids, dist)},
+                          {"teacher": {"kind": "mixed of two teachers", "confidence": confidence, "seed": seed,
+                                       "good": checksum(good), "bad": checksum(bad)}, "right_rows": int(right.sum())},
+                          source=f"mixed: {good.source} on half the rows, {bad.source} on the rest, {confidence} confidence")
