@@ -131,8 +131,8 @@ def summarise(runs: list[dict], against: dict | None = None, users: np.ndarray |
         for m in (HR, NDCG):
             line[m], line[m + "_std"] = mean_std([r["test"][m] for r in rs])
         cfg, line["lam"], line["lam_grid"] = rs[0]["config"], None, None
-        if cfg["distilled"] and cfg["ablation"] != "no_rank":     # the lam L_rank acted with, and how it was set
-            line["lam"], line["lam_grid"] = cfg["lam"], rs[0].get("lam_grid")
+        if cfg.get("distilled") and cfg.get("ablation") != "no_rank":   # the lam L_rank acted with, and how it was set
+            line["lam"], line["lam_grid"] = cfg.get("lam"), rs[0].get("lam_grid")
     for (student, variant), line in lines.items():
         ref_name = (against or {}).get(variant, None if against else "base")
         ref = lines.get((student, ref_name))

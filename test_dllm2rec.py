@@ -1333,18 +1333,18 @@ def test_random_twin_keeps_rows_k_and_distances_and_draws_candidates_and_feature
     assert C.checksum(SY.random_twin(t, ds.n_items, seed=1)) == C.checksum(twin) != C.checksum(t)
 
 
-def fake_run(student, variant, lam, val, seed=0, distilled=True, ablation="none"):
+def grid_run(student, variant, lam, val, seed=0, distilled=True, ablation="none"):
     return {"config": {"student": student, "lam": lam, "distilled": distilled, "ablation": ablation}, "seed": seed,
             "variant": variant, "teacher_checksum": "t" if distilled else None, "val": {"NDCG@20": val}}
 
 
 def test_choose_lam_keeps_the_grid_value_of_the_best_mean_validation_ndcg():
     grid = (0.1, 0.3, 0.7)
-    rs = [fake_run("sasrec", "base", 0.7, 0.5, distilled=False)]
-    rs += [fake_run("sasrec", "dllm2rec", lam, v, seed) for lam, vs in ((0.1, (0.2, 0.4)), (0.3, (0.31, 0.31)),
+    rs = [grid_run("sasrec", "base", 0.7, 0.5, distilled=False)]
+    rs += [grid_run("sasrec", "dllm2rec", lam, v, seed) for lam, vs in ((0.1, (0.2, 0.4)), (0.3, (0.31, 0.31)),
                                                                         (0.7, (0.5, 0.0))) for seed, v in enumerate(vs)]
-    rs += [fake_run("dros", "dllm2rec", lam, 0.3, seed) for lam in grid for seed in (0, 1)]        # a tie: the first
-    rs += [fake_run("sasrec", "dllm2rec-no_rank", 0.7, 0.9, ablation="no_rank")]
+    rs += [grid_run("dros", "dllm2rec", lam, 0.3, seed) for lam in grid for seed in (0, 1)]        # a tie: the first
+    rs += [grid_run("sasrec", "dllm2rec-no_rank", 0.7, 0.9, ablation="no_rank")]
     kept = runs.choose_lam(rs, grid)
     by = {}
     for r in kept:
