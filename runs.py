@@ -156,19 +156,19 @@ def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | Non
             clock.taken()
             runs.append({**taken, "variant": label})
             say(f"{student} {label} seed {seed}: taken from {taken['from']} (test NDCG@20 "
-                  f"{taken['test']['NDCG@20']:.4f})", flush=True)
+                f"{taken['test']['NDCG@20']:.4f})", flush=True)
             continue
         if plan.reuse_only:
             say(f"{student} {label} seed {seed}: MISSING (--reuse-only: not trained; its line has fewer seeds)",
-                  flush=True)
+                flush=True)
             continue
         say(f"{student} {label} seed {seed} on {plan.device}", flush=True)
         r = fit(ds, cfg, teacher, plan.device, log=print if plan.verbose else (lambda *_: None), subsets=subsets)
         r["variant"], r["teacher_checksum"] = label, teacher_checksum
         runs.append(r)
         say(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
-              f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
-              f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)
+            f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
+            f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)
     return runs
 
 
