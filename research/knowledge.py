@@ -77,7 +77,7 @@ def cmd_knowledge(args, ds) -> dict:
         print(f"\nteacher {name}: {t.source}\ntwin: {twin.source}", flush=True)
         every += [{**r, "teacher_name": name} for r in runs.train(p, ds, t, full, clock=clock)]
         every += [{**r, "teacher_name": f"{name} (random twin)"} for r in runs.train(p, ds, twin, full, clock=clock)]
-    for name, t, twin in made:            # the ablations at the lam chosen for full DLLM2Rec with this teacher
+    for name, t, twin in made if any(ablations.values()) else []:   # the ablations at full DLLM2Rec's lam
         grid = all_found(p, ds, t, full) if p.shard else [r for r in every if r.get("teacher_name") == name]
         if grid is None:
             waiting.append(name)
