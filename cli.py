@@ -82,7 +82,7 @@ def lam_grid_flag(p) -> None:
                    nargs="+", default=[], metavar="LAM",
                    help="a grid of lam values (the paper's {0.1, ..., 1.0}, e.g. 0.1 0.3 0.7 1.0): every distilled "
                         "variant with L_rank runs at each over --seeds, and the value of the best mean validation "
-                        "NDCG@20 is kept per student, variant and teacher (the table prints it); default: --lam alone")
+                        "NDCG@20 is kept per student, variant and teacher (the table prints it); none: --lam alone")
 
 
 def config(args) -> Config:

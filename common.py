@@ -217,6 +217,17 @@ def add_flags(parser, cls, only=None) -> None:
                             help=meta["help"] + shown, **extra)
 
 
+def preset(parser, **defaults) -> None:
+    """parser.set_defaults(**defaults), and each flag's help says its new default (a command's preset
+    overrides the dataclass default that add_flags wrote there)."""
+    parser.set_defaults(**defaults)
+    for action in parser._actions:
+        if action.dest in defaults and action.help and defaults[action.dest] is not None:
+            value = defaults[action.dest]
+            shown = ",".join(map(str, value)) if isinstance(value, list) else value
+            action.help = re.sub(r" \(default [^)]*\)$", "", action.help) + f" (default {shown})"
+
+
 def from_args(cls, args, **over):
     """An instance of the dataclass cls from the parsed flags it generated (fields without a
     flag keep their defaults: another stage's --seed is not this one's), then overrides."""

@@ -1481,6 +1481,16 @@ def test_mixed_of_two_teachers_takes_each_ones_advice_on_half_the_rows_honest_or
         G.teacher_spec(f"mix:{tmp_path / 'g'}")
 
 
+def test_a_commands_preset_is_the_default_its_help_shows(capsys):
+    for argv, shown in ((["knowledge", "--help"], ["epochs at most (default 300)", "(default 0.1,0.3,0.7,1.0)"]),
+                        (["model-teacher", "--help"], ["epochs at most (default 300)"]),
+                        (["ablation", "--help"], ["(mean and std reported) (default 3)"])):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(s in text for s in shown) and ("(default 100)" not in text or argv[0] == "ablation")
+
+
 def test_mixed_teacher_is_the_quality_1_teacher_on_half_the_rows_and_random_on_the_rest():
     ds = tiny_dataset(n_items=30, rows=(400, 60, 60))
     mixed = SY.mixed_teacher(ds, 10, seed=4)

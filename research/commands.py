@@ -6,7 +6,7 @@ import argparse
 
 import cli
 import students
-from common import at_least, between, checked, choice_list
+from common import at_least, between, checked, choice_list, preset
 from dllm2rec import Config
 from research import ablation, bench, compare, false_positives, gates, knowledge, mechanism, model_teacher, retrieval, teachers
 
@@ -47,7 +47,7 @@ def add_commands(sub, parent) -> dict:
                          f"{Config.epochs}), not the quick default")
     mc.add_argument("--plot", help="also write a PNG: gain against teacher quality, one line per variant (needs matplotlib)")
     cli.split_flags(mc)
-    mc.set_defaults(students=["sasrec"], epochs=5, patience=5, seeds=2)
+    preset(mc, students=["sasrec"], epochs=5, patience=5, seeds=2)
     ab = sub.add_parser("ablation", parents=[parent],
                         help="the ablation and differences tables with full-coverage diagnostic teachers, converged")
     cli.student_flags(ab)
@@ -59,12 +59,12 @@ def add_commands(sub, parent) -> dict:
     ab.add_argument("--plot", help="also write a PNG per quality (FILE with -q<quality> before .png): bars with "
                                    "error bars (needs matplotlib)")
     cli.split_flags(ab)
-    ab.set_defaults(students=["sasrec", "dros"], seeds=3)
+    preset(ab, students=["sasrec", "dros"], seeds=3)
     c = sub.add_parser("compare-teachers", parents=[parent],
                        help="teachers and undistilled students on the same validation and test rows")
     cli.student_flags(c)
     c.add_argument("teachers", nargs="+", help="teacher cache folders (made with the same --teacher-eval-rows)")
-    c.set_defaults(students=["sasrec", "dros"])
+    preset(c, students=["sasrec", "dros"])
     count = checked(int, at_least(1))
     b = sub.add_parser("bench", help="time training steps and one evaluation on Games-shaped data")
     b.add_argument("--students", type=choice_list(students.CHOICES), default=["sasrec", "dros"],
@@ -112,7 +112,7 @@ def add_commands(sub, parent) -> dict:
     g.add_argument("--gates", type=choice_list(gates.GATES), default=list(gates.GATES),
                    help="comma-separated, from " + ",".join(gates.GATES))
     cli.split_flags(g)
-    g.set_defaults(students=["sasrec"], seeds=3)
+    preset(g, students=["sasrec"], seeds=3)
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
             "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval,
             "gates": gates.cmd_gates, "model-teacher": model_teacher.cmd_model_teacher,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import cli
 import runs
-from common import UserError, write_json
+from common import UserError, preset, write_json
 from research import gates, teachers
 from results import false_positive_rate, format_rows
 
@@ -64,4 +64,4 @@ def flags(p) -> None:
                    help="the teacher of the full DLLM2Rec runs: a synthetic quality (0: random), 'mixed', or a "
                         "teacher cache folder (default 0)")
     cli.split_flags(p)
-    p.set_defaults(students=["sasrec"], seeds=6, epochs=300)
+    preset(p, students=["sasrec"], seeds=6, epochs=300)

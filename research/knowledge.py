@@ -28,7 +28,7 @@ from pathlib import Path
 import cache
 import cli
 import runs
-from common import UserError, choice_list, write_json
+from common import UserError, choice_list, preset, write_json
 from dllm2rec import ABLATIONS
 from research import teachers
 from results import HR, NDCG, compare, format_rows, holm, lam_cell, pm, summarise, verdict
@@ -186,4 +186,4 @@ def flags(p) -> None:
                    help=f"comma-separated, from {','.join(ABLATIONS)}")
     cli.lam_grid_flag(p)
     cli.split_flags(p)
-    p.set_defaults(students=["sasrec", "gru4rec", "dros"], seeds=3, epochs=300, lams=[0.1, 0.3, 0.7, 1.0])
+    preset(p, students=["sasrec", "gru4rec", "dros"], seeds=3, epochs=300, lams=[0.1, 0.3, 0.7, 1.0])

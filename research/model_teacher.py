@@ -27,7 +27,7 @@ import torch
 import cache
 import data
 import students
-from common import UserError, add_flags, between, checked, choice_list, fraction, pick_device
+from common import UserError, add_flags, between, checked, choice_list, fraction, pick_device, preset
 from dllm2rec import Config, fit, popularity_metrics, ranks_of
 from metrics import REPORTED, metrics_from_ranks
 from results import format_rows
@@ -152,4 +152,4 @@ def flags(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     add_flags(p.add_argument_group("the members' training"), Config,
                  only=["lr", "batch_size", "weight_decay", "epochs", "patience", "dim", "dropout", "alpha", "seed", "K"])
-    p.set_defaults(out_is_folder=True, epochs=300)
+    preset(p, out_is_folder=True, epochs=300)
