@@ -54,6 +54,28 @@ def paired_test(runs_a: list[dict], runs_b: list[dict], users: np.ndarray | None
     return {**signed_rank_test(per_user_mean(mean_a - mean_b, users)), "unit": "users"}
 
 
+def seed_bootstrap_test(runs_a: list[dict], runs_b: list[dict], users: np.ndarray, draws: int = 4000,
+                        seed: int = 0) -> dict:
+    """A seed-aware paired test of a against b: a bootstrap over the seeds of each side and over
+    users. Each draw takes each side's seeds with replacement (as many as it has) and the users
+    with replacement, and computes the difference of the two sides' mean NDCG@20 over the drawn
+    users (each user's NDCG@20 averaged over its test rows, then over the drawn seeds). p = twice
+    the smaller share of draws on either side of 0 (at most 1); z: the observed difference over
+    the draws' std. The Wilcoxon test over users holds the seeds fixed; this one lets them vary."""
+    per_user = lambda rs: np.stack([per_user_mean(np.asarray(ndcg_per_row(r["test_ranks"])), users) for r in rs])
+    a, b = per_user(runs_a), per_user(runs_b)                                   # [seeds, U]
+    g = np.random.default_rng(seed)
+    u = a.shape[1]
+    users_drawn = np.stack([np.bincount(row, minlength=u) for row in g.integers(0, u, (draws, u))])   # [draws, U]
+    def side(x):
+        seeds_drawn = np.stack([np.bincount(row, minlength=len(x)) for row in g.integers(0, len(x), (draws, len(x)))])
+        return ((seeds_drawn @ x) * users_drawn).sum(1) / (len(x) * u)          # [draws]
+    d = side(a) - side(b)
+    observed = float(a.mean() - b.mean())
+    p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))
+    return {"p": float(p), "z": float(observed / d.std()) if d.std() > 0 else 0.0, "draws": draws, "unit": "seeds and users"}
+
+
 def holm(ps: list[float]) -> list[float]:
     """Holm's step-down correction of m p-values: the i-th smallest becomes
     max_{j <= i} min(1, (m - j + 1) p_(j)), in the input's order."""
@@ -194,10 +216,11 @@ def false_positive_rate(runs: list[dict], users: np.ndarray | None = None) -> di
     split into two groups of m seeds (each unordered split once), one group against the other as
     a table compares two lines (one comparison: no correction). Any gain or loss is a false
     positive. -> {"splits", "rule": share of splits called a gain or a loss, "paired alone": share
-    with paired p < P_LEVEL, "seeds alone": share beyond twice the combined std}."""
+    with paired p < P_LEVEL, "seeds alone": share beyond twice the combined std; with users, "rule,
+    bootstrap" and "bootstrap alone": the same with seed_bootstrap_test in the Wilcoxon test's place}."""
     n = len(runs) - len(runs) % 2
     m = n // 2
-    hits = {"rule": 0, "paired alone": 0, "seeds alone": 0}
+    hits = {"rule": 0, "paired alone": 0, "seeds alone": 0, "rule, bootstrap": 0, "bootstrap alone": 0}
     splits = [a for a in combinations(range(n), m) if 0 in a]           # group a holds seed 0: each split once
     for a in splits:
         ga, gb = [runs[i] for i in a], [runs[i] for i in range(n) if i not in a]
@@ -206,4 +229,8 @@ def false_positive_rate(runs: list[dict], users: np.ndarray | None = None) -> di
         hits["rule"] += verdict(ma, sa, mb, sb, m, pair["p"], pair["z"]) in ("gain", "loss")
         hits["paired alone"] += pair["p"] < P_LEVEL
         hits["seeds alone"] += verdict(ma, sa, mb, sb, m) in ("gain", "loss")
+        if users is not None:                                            # the seed-aware test in the rule's place
+            boot = seed_bootstrap_test(ga, gb, users)
+            hits["rule, bootstrap"] += verdict(ma, sa, mb, sb, m, boot["p"], boot["z"]) in ("gain", "loss")
+            hits["bootstrap alone"] += boot["p"] < P_LEVEL
     return {"splits": len(splits), "seeds": n, **{k: v / max(len(splits), 1) for k, v in hits.items()}}

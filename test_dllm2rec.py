@@ -1413,6 +1413,25 @@ def test_knowledge_command_compares_each_teacher_with_its_twin_holm_within_each_
     assert [l["NDCG@20"] for l in again["table"]] == [l["NDCG@20"] for l in out["table"]]
 
 
+def test_seed_bootstrap_test_equals_a_slow_loop_over_its_draws():
+    """The same draws, one at a time: users with replacement, then each side's seeds with
+    replacement; the difference of the drawn users' means of each side's drawn-seed means."""
+    g = np.random.default_rng(1)
+    users = g.integers(0, 12, 50)
+    a = [{"test_ranks": g.integers(0, 30, 50).tolist()} for _ in range(3)]
+    b = [{"test_ranks": g.integers(0, 45, 50).tolist()} for _ in range(2)]
+    got = R.seed_bootstrap_test(a, b, users, draws=300, seed=5)
+    per_user = lambda r: R.per_user_mean(np.asarray(metrics.ndcg_per_row(r["test_ranks"])), users)
+    A, B = np.array([per_user(r) for r in a]), np.array([per_user(r) for r in b])
+    rng = np.random.default_rng(5)
+    us = rng.integers(0, A.shape[1], (300, A.shape[1]))
+    sa, sb = rng.integers(0, 3, (300, 3)), rng.integers(0, 2, (300, 2))
+    d = np.array([A[sa[k]].mean(0)[us[k]].mean() - B[sb[k]].mean(0)[us[k]].mean() for k in range(300)])
+    assert got["p"] == pytest.approx(min(1, 2 * min((d <= 0).mean(), (d >= 0).mean())))
+    assert got["z"] == pytest.approx((A.mean() - B.mean()) / d.std())
+    assert R.seed_bootstrap_test(a, a, users)["z"] == 0.0 and R.seed_bootstrap_test(a, a, users)["p"] > 0.5
+
+
 def test_false_positive_rate_splits_the_seeds_in_two_and_counts_the_rules_calls(tmp_path, monkeypatch):
     """Seeds 0 and 1 rank every target first, seeds 2 and 3 never in the top 20: of the three
     splits of four seeds into two pairs only {0, 1} against {2, 3} differs, beyond the seeds' noise

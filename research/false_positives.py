@@ -14,6 +14,8 @@ from common import UserError, preset, write_json
 from research import gates, teachers
 from results import false_positive_rate, format_rows
 
+RATES = ("rule", "paired alone", "seeds alone", "rule, bootstrap", "bootstrap alone")
+
 
 def cmd_false_positives(args, ds) -> dict:
     p = cli.plan(args, ds, None)
@@ -38,15 +40,15 @@ def cmd_false_positives(args, ds) -> dict:
             if len(rs) < 4:
                 continue
             f = found[f"{student} {variant}"] = false_positive_rate(rs, ds.test.user)
-            rows.append([f"{student} {variant}", f["seeds"], f["splits"], *(f"{f[k]:.1%}" for k in
-                                                                           ("rule", "paired alone", "seeds alone"))])
+            rows.append([f"{student} {variant}", f["seeds"], f["splits"], *(f"{f[k]:.1%}" for k in RATES)])
     total = sum(f["splits"] for f in found.values())
-    pooled = {k: sum(f[k] * f["splits"] for f in found.values()) / max(total, 1) for k in ("rule", "paired alone", "seeds alone")}
-    rows.append(["all", None, total, *(f"{pooled[k]:.1%}" for k in ("rule", "paired alone", "seeds alone"))])
+    pooled = {k: sum(f[k] * f["splits"] for f in found.values()) / max(total, 1) for k in RATES}
+    rows.append(["all", None, total, *(f"{pooled[k]:.1%}" for k in RATES)])
     print(format_rows(["same configuration, seeds split in two", "seeds", "splits", "rule (both tests)",
-                       "per-user test alone", "seeds alone"], rows, notes=(
+                       "per-user test alone", "seeds alone", "rule, bootstrap", "bootstrap alone"], rows, notes=(
         "the share of splits called a gain or a loss (one comparison each, no correction): the rule needs p < 0.05 "
-        "in the Wilcoxon signed-rank test over users AND a change beyond twice the combined std of the groups' seeds")))
+        "in the Wilcoxon signed-rank test over users AND a change beyond twice the combined std of the groups' "
+        "seeds; bootstrap: the seed-aware test (over seeds and users) in the Wilcoxon test's place")))
     if args.out:
         write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "rates": found,
                                     "pooled": pooled, "runs": every})
