@@ -12,13 +12,14 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 
 import cache
 import data
 import finetune
+import model_teacher
 import runs
 import students
 import teacher as teacher_llm
@@ -29,9 +30,14 @@ from results import format_rows, format_table, summarise
 # The single command's preset: overrides of the defaults, written once. Its teacher runs on 512
 # training rows and 128 validation and test rows each; its students and seeds follow the
 # device: on a CPU two students over two seeds (about 20 minutes), on CUDA the full protocol.
+# Beside the LLM's row, a trained-model teacher's (model_teacher.py: stronger than the students, not
+# an LLM): on a CPU one DROS member distilled into the first student (about 10 more minutes), on
+# CUDA three members into every student.
 REPRODUCE = {"train_rows": 512, "eval_rows": 128,
              "students": {"cpu": ["sasrec", "dros"], "cuda": list(students.STUDENTS)},
-             "seeds": {"cpu": 2, "cuda": 3}}
+             "seeds": {"cpu": 2, "cuda": 3},
+             "model_teacher": {"cpu": {"seeds": 1, "students": 1}, "cuda": {"seeds": 3, "students": None}}}
+MODEL_ROW = "dllm2rec, trained-model teacher"
 
 
 # ============================================================================ flags
@@ -150,9 +156,16 @@ def cmd_reproduce(args, ds) -> dict:
     device = pick_device(args.device)
     preset = {k: getattr(args, k) or REPRODUCE[k][device.type] for k in ("students", "seeds")}
     p = plan(args, ds, args.top_n, **preset)
+    mt = REPRODUCE["model_teacher"][device.type]
+    mt_seeds = mt["seeds"] if args.model_teacher_seeds is None else args.model_teacher_seeds
+    mt_students = p.students[:mt["students"]] if mt_seeds else []
     if device.type == "cpu" and (args.students is None or args.seeds is None):
         print(f"on CPU the single command trains {', '.join(p.students)} over {p.seeds} seeds to fit about 20 "
               "minutes; the full protocol runs on CUDA, or here with --students gru4rec,sasrec,cl4srec,dros,caser --seeds 3")
+    if mt_students:
+        print(f"then a trained-model teacher's row (not an LLM; --model-teacher-seeds 0 leaves it out): "
+              f"{' + '.join(model_teacher.MEMBERS)} x {mt_seeds} fitted on the training rows, distilled into "
+              f"{', '.join(mt_students)}" + (" (about 10 more minutes)" if device.type == "cpu" else ""))
     teacher, teacher_eval, path = teacher_llm.stage(args, ds)
     t_teacher = time.perf_counter() - t_start
     print(f"students: {', '.join(p.students)}, {p.seeds} seed(s), until validation NDCG@20 has not improved "
@@ -160,18 +173,28 @@ def cmd_reproduce(args, ds) -> dict:
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
     trained = runs.train(p, ds, teacher, [{}, {"distilled": True}], subsets)
+    floor, model = {"popularity (training targets)": popularity_metrics(ds, ds.test)}, None
+    if mt_students:
+        model = model_teacher.in_cache_home(ds, p.cfg, mt_seeds, device)
+        floor[f"trained-model teacher ({' + '.join(model_teacher.MEMBERS)} x {mt_seeds}, not an LLM)"] = \
+            model.manifest["teacher"]["metrics"]["test"]
+        trained += runs.train(replace(p, students=mt_students), ds, model,
+                              [{"distilled": True, "label": MODEL_ROW}], subsets)
     summary = summarise(trained, users=ds.test.user)
     covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
-    floor = {"popularity (training targets)": popularity_metrics(ds, ds.test)}
     print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
           f"({covered / len(ds.train):.1%}), outputs checksum {checksum}")
     print(format_table(summary, floor))
     print(ranking_share(covered, len(ds.train), p.cfg))
+    if model is not None:
+        print(f"{MODEL_ROW}: every training row taught by the trained-model teacher (outputs checksum "
+              f"{cache.checksum(model)}); against its random twin, and for every student, see RESULTS.md")
     latency = beside(teacher, teacher_eval, popularity_metrics(ds, subsets["teacher_test_rows"]), summary,
                                  trained, eval_rows=len(ds.val) + len(ds.test) + len(rows))
     runs.save_results(args.out, ds, trained, summary, floor=floor, latency=latency, teacher={
         "cache": str(path), "eval": teacher_eval, "manifest": teacher.manifest, "covered_train_rows": covered,
-        "checksum": checksum})
+        "checksum": checksum}, model_teacher=model and {"cache": model.source, "manifest": model.manifest,
+                                                       "checksum": cache.checksum(model)})
     print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
     return {"summary": summary, "runs": trained, "teacher": teacher_eval}
 
@@ -215,6 +238,9 @@ def add_commands(sub, parent) -> dict:
                                                            "DLLM2Rec (the default command)")
     student_flags(r)
     teacher_llm.settings_flags(r, zero_shot=True)
+    r.add_argument("--model-teacher-seeds", type=checked(int, between(0, 100)), help=(
+        "members of the trained-model teacher whose row the table also prints (0: no such row; default: "
+        + ", ".join(f"{v['seeds']} on {k}" for k, v in REPRODUCE["model_teacher"].items()) + ")"))
     r.set_defaults(train_rows=REPRODUCE["train_rows"], eval_rows=REPRODUCE["eval_rows"], students=None, seeds=None)
     return {"train": cmd_train, "reproduce": cmd_reproduce}
 

@@ -28,6 +28,7 @@ import data
 import dllm2rec as D
 import finetune as FT
 import metrics
+import model_teacher as MT
 import research.plots
 import results as R
 import runs
@@ -35,7 +36,7 @@ import step as ST
 import students as S
 import teacher as T
 from common import UserError, at_the_boundary, from_args, write_json
-from research import ablation as ABL, commands as RC, gates as G, mechanism as MECH, model_teacher as MT, teachers as SY
+from research import ablation as ABL, commands as RC, gates as G, mechanism as MECH, teachers as SY
 
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", "unset: set DLLM2REC_ML100K"))
 LASTFM = Path(os.environ.get("DLLM2REC_LASTFM", "unset: set DLLM2REC_LASTFM"))
@@ -2108,26 +2109,36 @@ def test_teacher_run_writes_a_cache_students_can_read(tiny_model, tmp_path):
 
 @needs_llm
 def test_reproduce_runs_end_to_end_on_a_tiny_teacher(tiny_model, tmp_path, monkeypatch, capsys):
-    """The single command on a tiny model and data: teacher stage, then both variants, one
-    table, the teacher beside the students on its own rows, a results file; --top-n 12 keeps
-    fewer than 20 items, so the teacher has no @20 metrics to print."""
+    """The single command on a tiny model and data: teacher stage, then both variants and the
+    trained-model teacher's row (its first student, from a cache of its own the second run
+    reads), one table, the teacher beside the students on its own rows, a results file;
+    --top-n 12 keeps fewer than 20 items, so the teacher has no @20 metrics to print."""
     ds = tiny_dataset()
     monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    monkeypatch.setenv("DLLM2REC_CACHE", str(tmp_path / "home"))
     argv = ["reproduce", "--model", str(tiny_model), "--n-ctx", "1024", "--teacher-seqs", "4", "--max-new-tokens", "8",
             "--top-n", "12", "--teacher-rows", "60", "--teacher-eval-rows", "10", "--students", "sasrec", "--seeds", "2",
             "--epochs", "2", "--batch-size", "64", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r.json")]
     main(argv)
     printed, res = capsys.readouterr().out, json.loads((tmp_path / "r.json").read_text())
-    assert [(line["variant"], line["seeds"]) for line in res["summary"]] == [("base", 2), ("dllm2rec", 2)]
+    assert [(line["variant"], line["seeds"]) for line in res["summary"]] == [
+        ("base", 2), ("dllm2rec", 2), (cli.MODEL_ROW, 2)]
     assert res["teacher"]["covered_train_rows"] == 60 and f"checksum {res['teacher']['checksum']}" in printed
+    model = res["model_teacher"]
+    assert model["manifest"]["splits"]["train"]["covered"] == len(ds.train) and model["checksum"] in printed
+    assert re.search(r"^trained-model teacher \(dros x 1, not an LLM\) +[\d.]+ +[\d.]+$", printed, re.M)
     assert "on the 10 test rows the teacher covered" in printed
     assert re.search(r"^teacher +nan +nan$", printed, re.M)
     rows = C.load_teacher(tmp_path / "c", ds).splits["test"].rows
     pop = D.popularity_metrics(ds, data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows]))
     assert re.search(rf"^popularity +{pop['HR@20']:.4f} +{pop['NDCG@20']:.4f}$", printed, re.M)
     assert set(res["latency"]) == {"sasrec", "teacher"} and res["latency"]["teacher"] > 0
-    main(argv)                                                             # a second run: from the cache
-    assert f"checksum {res['teacher']['checksum']}" in capsys.readouterr().out
+    main(argv)                                                             # a second run: from the caches
+    printed = capsys.readouterr().out
+    assert f"checksum {res['teacher']['checksum']}" in printed and "fitted on the training rows only" not in printed
+    assert model["checksum"] in printed
+    main([*argv, "--model-teacher-seeds", "0"])
+    assert [l["variant"] for l in json.loads((tmp_path / "r.json").read_text())["summary"]] == ["base", "dllm2rec"]
 
 
 @needs_llm

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 
 import cli
+import model_teacher
 import students
 from common import at_least, between, checked, choice_list, preset
 from dllm2rec import Config
-from research import ablation, bench, compare, false_positives, gates, knowledge, mechanism, model_teacher, retrieval, teachers
+from research import ablation, bench, compare, false_positives, gates, knowledge, mechanism, retrieval, teachers
 
 
 def confidence_flag(p) -> None:

@@ -1,5 +1,6 @@
-"""`python -m research model-teacher`: a trained-model teacher, stronger than its students,
-from the training rows alone, written as a teacher cache that `train --teacher` reads.
+"""A trained-model teacher, stronger than its students, from the training rows alone, written as
+a teacher cache that `train --teacher` reads (`python -m research model-teacher`; the single command
+prints its row beside the LLM teacher's).
 
 The paper's teacher (BIGRec) ranks at least as well as its students; no LLM run here does. This
 teacher stands in for one, as a recommender, not an LLM: an ensemble of sequential models (by
@@ -18,6 +19,8 @@ members' item embeddings b_i side by side, [n_items, dim x members].
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,10 +30,12 @@ import torch
 import cache
 import data
 import students
-from common import UserError, add_flags, between, checked, choice_list, fraction, pick_device, preset
+from common import UserError, add_flags, between, cache_home, checked, choice_list, fraction, pick_device, preset
 from dllm2rec import Config, fit, popularity_metrics, ranks_of
 from metrics import REPORTED, metrics_from_ranks
 from results import format_rows
+
+MEMBERS, HOLDOUT, TOP_N = ["dros"], 0.1, 20    # the members' kinds, the held-out share, candidates per row
 
 
 def inner_split(ds: data.Dataset, holdout: float) -> data.Dataset:
@@ -112,6 +117,34 @@ def in_sample_share(t: cache.TeacherOutputs, ds: data.Dataset, K: int, fit_rows:
             fit_rows < len(hit) else float("nan"), "all rows": float(hit.mean())}
 
 
+def build(ds: data.Dataset, cfg: Config, members: list[str], seeds: int, holdout: float = HOLDOUT,
+          top_n: int = TOP_N, device="cpu", log=print) -> cache.TeacherOutputs:
+    """model_teacher with its report in the manifest's teacher record: the ensemble's own
+    validation and test metrics, and in_sample_share (read afterwards: the outputs never see them)."""
+    t, models = model_teacher(ds, cfg, members, seeds, holdout, top_n, device, log)
+    own = {name: ensemble_metrics(models, getattr(ds, name), device) for name in ("val", "test")}
+    share = in_sample_share(t, ds, cfg.K, t.manifest["teacher"]["fit_rows"])
+    t.manifest["teacher"].update(metrics=own, target_in_top_k=share)
+    return t
+
+
+def in_cache_home(ds: data.Dataset, cfg: Config, seeds: int, device, log=print) -> cache.TeacherOutputs:
+    """The single command's trained-model teacher (MEMBERS x seeds, cfg's training settings): read
+    from its folder under the cache home when an earlier run made it, else built and written there."""
+    top_n = min(TOP_N, ds.n_items)
+    settings = {"members": MEMBERS, "seeds": seeds, "holdout": HOLDOUT, "top_n": top_n,
+                **{k: getattr(cfg, k) for k in ("lr", "batch_size", "weight_decay", "epochs", "patience", "dim",
+                                                "dropout", "alpha", "seed")}}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_home() / "teacher" / f"{ds.name}-{ds.fingerprint}-model-{'+'.join(MEMBERS)}x{seeds}-{key}"
+    if not (path / "manifest.json").exists():
+        log(f"trained-model teacher (not an LLM): {' + '.join(MEMBERS)} x {seeds} seed(s) fitted on the training "
+            f"rows only; cache {path}", flush=True)
+        t = build(ds, cfg, MEMBERS, seeds, HOLDOUT, top_n, device, log)
+        cache.write_cache(path, ds, t.item_emb, t.splits, t.manifest["teacher"])
+    return cache.read_cache(path, ds)
+
+
 def cmd_model_teacher(args, ds) -> cache.TeacherOutputs:
     device = pick_device(args.device)
     cfg = Config(**{k: getattr(args, k) for k in ("lr", "batch_size", "weight_decay", "epochs", "patience", "dim",
@@ -122,11 +155,9 @@ def cmd_model_teacher(args, ds) -> cache.TeacherOutputs:
     print(f"{ds.summary()}\ntrained-model teacher: {', '.join(args.students)} x {args.seeds} seeds, dim {cfg.dim}, "
           f"fitted on the first {1 - args.holdout:.0%} of the training rows, epochs selected on the last "
           f"{args.holdout:.0%}; validation and test rows unseen, on {device}", flush=True)
-    t, models = model_teacher(ds, cfg, args.students, args.seeds, args.holdout, args.top_n, device)
-    own = {name: ensemble_metrics(models, getattr(ds, name), device) for name in ("val", "test")}
+    t = build(ds, cfg, args.students, args.seeds, args.holdout, args.top_n, device)
+    own, share = t.manifest["teacher"]["metrics"], t.manifest["teacher"]["target_in_top_k"]
     pop = {name: popularity_metrics(ds, getattr(ds, name)) for name in ("val", "test")}
-    share = in_sample_share(t, ds, cfg.K, t.manifest["teacher"]["fit_rows"])
-    t.manifest["teacher"].update(metrics=own, target_in_top_k=share)
     cols = [f"HR@{REPORTED}", f"NDCG@{REPORTED}"]
     print(format_rows(["", *(f"{s} {c}" for s in ("val", "test") for c in cols)], [
         [label] + [f"{m[s][c]:.4f}" for s in ("val", "test") for c in cols]
@@ -142,12 +173,12 @@ def cmd_model_teacher(args, ds) -> cache.TeacherOutputs:
 
 def flags(p) -> None:
     """model-teacher's options: the members, their training (Config's defaults), the held-out share."""
-    p.add_argument("--students", type=choice_list(students.CHOICES), default=["dros"],
+    p.add_argument("--students", type=choice_list(students.CHOICES), default=MEMBERS,
                    help="the members' kinds, comma-separated (each trained over --seeds seeds)")
     p.add_argument("--seeds", type=checked(int, between(1, 100)), default=3, help="seeds per member kind, from --seed")
     p.add_argument("--holdout", type=checked(float, lambda v: fraction(v) or (None if v > 0 else "must be > 0")),
-                   default=0.1, help="the last share of the training rows held out to select each member's epoch")
-    p.add_argument("--top-n", type=checked(int, between(1, 10**6)), default=20, help="candidates kept per row")
+                   default=HOLDOUT, help="the last share of the training rows held out to select each member's epoch")
+    p.add_argument("--top-n", type=checked(int, between(1, 10**6)), default=TOP_N, help="candidates kept per row")
     p.add_argument("--out", required=True, help="the teacher cache folder to write")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda ...")
     add_flags(p.add_argument_group("the members' training"), Config,
