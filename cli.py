@@ -130,8 +130,10 @@ def ranking_share(covered: int, n_train: int, cfg: Config) -> str:
 
 # ============================================================================ train and reproduce
 def cmd_train(args, ds) -> dict:
-    if not args.teacher and (args.ablations or not args.baseline):
-        raise UserError("--ablations and --no-baseline act on distilled runs: they need --teacher")
+    if not args.teacher and (args.ablations or not args.baseline or args.kd != "dllm2rec"):
+        raise UserError("--ablations, --no-baseline and --kd act on distilled runs: they need --teacher")
+    if args.kd != "dllm2rec" and args.ablations:
+        raise UserError(f"--kd {args.kd} with --ablations: the ablations are DLLM2Rec's (--kd dllm2rec)")
     teacher = cache.load_teacher(args.teacher, ds) if args.teacher else None
     p = plan(args, ds, teacher.top_n if teacher is not None else None)
     if teacher is not None:

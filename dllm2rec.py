@@ -21,6 +21,9 @@ c_1..c_K are the teacher's top-K items (nearest first), d_r their distances. The
 "Collaborative embedding distillation" is the student's input layer, e_i = b_i + ed_weight * g(z_i)
 (students.ItemEmbedding). Training selects the epoch on validation NDCG@20 and reports test.
 
+The paper's comparison methods (its Table 5: RD, CD, RRD, DCD, UnKD, Hint, HTD) are baselines.py's;
+`--kd` puts one in L_rank's place and the embedding distillation's.
+
 Here: the paper's terms, Config, the training loss, the training loop and evaluation. The
 defaults are the paper's method in the official code's conventions; the official_* switches
 give the official code's numerics and protocol (README: differences). The commands are
@@ -36,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import baselines
 import cache
 import data
 import students
@@ -244,15 +248,23 @@ class Config:
                                "its nearest distance against other rows'; off: the paper's method",
                         choices=ROW_GATES)
     gate_floor: float = opt(0.1, "the row gate's value for a row of no credit", fraction)
+    kd: str = opt("dllm2rec", "the distillation: dllm2rec (the paper's method) or a baseline of its Table 5 "
+                              "(baselines.py): the ranking methods rd, cd, rrd, dcd, unkd (the student keeps its own "
+                              "item embeddings) or the embedding methods hint, htd (no ranking term); lam weighs it",
+                  choices=baselines.METHODS)
 
     def __post_init__(self):
         if sum(self.gammas) <= 0 and self.ablation != "no_weights":
             raise UserError(f"--gammas {' '.join(map(str, self.gammas))}: at least one must be > 0")
+        if self.kd != "dllm2rec" and (self.ablation != "none" or self.row_gate != "off"):
+            raise UserError(f"--kd {self.kd}: the ablations and the row gate are DLLM2Rec's; use them with --kd dllm2rec")
 
     @property
     def variant(self) -> str:
         if not self.distilled:
             return "base"
+        if self.kd != "dllm2rec":
+            return self.kd
         name = "dllm2rec" if self.ablation == "none" else f"dllm2rec-{self.ablation}"
         return name if self.row_gate == "off" else f"{name}+{self.row_gate}-gate"
 
@@ -263,11 +275,16 @@ class Config:
 
     @property
     def rank_on(self) -> bool:
-        return self.distilled and self.ablation != "no_rank"
+        return self.distilled and self.ablation != "no_rank" and self.kd == "dllm2rec"
 
     @property
     def embed_on(self) -> bool:
-        return self.distilled and self.ablation != "no_embed"
+        return self.distilled and self.ablation != "no_embed" and self.kd == "dllm2rec"
+
+    @property
+    def lists_on(self) -> bool:
+        """The teacher's top-K lists enter the loss: L_rank or a ranking baseline."""
+        return self.rank_on or (self.distilled and self.kd in baselines.RANKING)
 
     @property
     def weight_gammas(self) -> tuple | None:
@@ -284,6 +301,10 @@ def build_student(cfg: Config, n_items: int, train_targets: torch.Tensor, item_e
         teacher_emb=item_emb if cfg.embed_on else None, ed_weight=cfg.ed_weight, use_offset=cfg.ablation != "no_offset")
     if cfg.with_dro:
         model.register_buffer("ps", dro_ps(torch.bincount(train_targets.cpu(), minlength=n_items)))
+    if cfg.distilled and cfg.kd in baselines.EMBEDDING:       # a baseline's learnable part, trained with the student
+        model.kd_head = baselines.make_head(cfg.kd, cfg.dim, item_emb)
+    if cfg.distilled and cfg.kd == "unkd":
+        model.register_buffer("kd_groups", torch.as_tensor(baselines.popularity_groups(train_targets.cpu().numpy(), n_items)))
     return model
 
 
@@ -341,6 +362,8 @@ def training_loss(model: students.Student, cfg: Config, hist, lens, target, t_id
             all_ = scores_all if scores_all is not None else model.score_all(h)
             student_topk = all_.topk(cfg.K, dim=1).indices                  # [B, K]
         loss = loss + distill(model.score(h, t_ids), s[:, 1], t_dist, t_ids, student_topk, cfg, dro_cand, covered, gate)
+    elif cfg.distilled and cfg.kd != "dllm2rec":                            # a Table 5 baseline in L_rank's place
+        loss = loss + cfg.lam * baselines.kd_loss(cfg.kd, model, h, target, neg, t_ids, t_dist, covered)
     return loss
 
 
@@ -429,7 +452,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     if cfg.distilled and teacher is None:
         raise ValueError("distillation needs a teacher (--teacher)")
     teacher = teacher if cfg.distilled else None
-    capture = captured(device)                        # the captured step needs fixed shapes: full batches
+    capture = captured(device) and cfg.kd == "dllm2rec"   # fixed shapes: full batches; the baselines sample eagerly
     check_trainable(ds, cfg.batch_size, capture or cfg.official_protocol)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -441,7 +464,7 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True, capturable=capture)
     step = Step(training_loss, model, opt, cfg, "captured" if capture else "eager")
     tt = ()                                           # per training row: the teacher's top-K ids, distances, covered
-    if teacher is not None and cfg.rank_on:           # (and the row gate)
+    if teacher is not None and cfg.lists_on:          # (and the row gate)
         tt = tuple(torch.as_tensor(a, device=device) for a in cache.per_training_row(teacher, len(ds.train), cfg.K))
         if cfg.row_gate != "off":
             tt += (row_gates(cfg, teacher, ds.train.target).to(device),)

@@ -69,9 +69,12 @@ class RunClock:
 def run_key(fingerprint: str, teacher_checksum: str | None, config: dict, captured_step: bool) -> str:
     """What a run's result depends on: the data, the teacher's outputs (none for a base run:
     fit ignores its teacher), every setting and the kind of step (captured or eager). Settings
-    added later leave the key where they are off (the row gate), so earlier files stay reusable."""
+    added later leave the key where they are off (the row gate, a baseline's --kd), so earlier
+    files stay reusable."""
     if config.get("row_gate", "off") == "off":
         config = {k: v for k, v in config.items() if k not in ("row_gate", "gate_floor")}
+    if config.get("kd", "dllm2rec") == "dllm2rec":
+        config = {k: v for k, v in config.items() if k != "kd"}
     return json.dumps([fingerprint, teacher_checksum if config.get("distilled") else None, config,
                        bool(captured_step)], sort_keys=True)
 

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines as KB
 import cache as C
 import cli
 import data
@@ -1271,6 +1272,140 @@ def test_gates_command_refuses_bad_teachers_and_a_fixed_gate_in_one_line(argv, m
         main(["gates", "--epochs", "1", *argv])
 
 
+# ---------------------------------------------------------------------------- the Table 5 baselines (baselines.py)
+def test_rd_weights_and_loss_equal_a_row_by_row_version_and_a_hand_case():
+    """RD: w_r = exp(-r) (r = 1..K) times tanh(max(mu (rank_S - (r - 1)), 0)), renormalised."""
+    g = torch.Generator().manual_seed(0)
+    s_all = torch.randn(5, 30, generator=g)
+    c = torch.stack([torch.randperm(30, generator=g)[:6] for _ in range(5)])
+    rank = KB.student_rank(s_all, c)
+    for b in range(5):
+        for r in range(6):
+            assert rank[b, r] == sum(float(s_all[b, j]) > float(s_all[b, c[b, r]]) for j in range(30))
+        raw = [math.exp(-(r + 1) / KB.RD_T) * math.tanh(max(KB.RD_MU * (int(rank[b, r]) - r), 0)) for r in range(6)]
+        want = [x / sum(raw) if sum(raw) > 0 else 0.0 for x in raw]
+        assert np.allclose(KB.rd_weights(rank)[b].numpy(), want, atol=1e-6)
+        s = s_all[b, c[b]]
+        assert math.isclose(float(KB.rd_loss(s_all.gather(1, c), rank)[b]),
+                            sum(w * -math.log(1 / (1 + math.exp(-float(x)))) for w, x in zip(want, s)), rel_tol=1e-5)
+    # by hand: K = 2, the student ranks c_1 at 0 (no discrepancy: weight 0) and c_2 at 11 (tanh(0.1 x 10))
+    w = KB.rd_weights(torch.tensor([[0, 11]]))
+    assert torch.allclose(w, torch.tensor([[0.0, 1.0]]))
+    w = KB.rd_weights(torch.tensor([[20, 11]]))
+    a, b = math.exp(-1) * math.tanh(2.0), math.exp(-2) * math.tanh(1.0)
+    assert torch.allclose(w, torch.tensor([[a / (a + b), b / (a + b)]]))
+
+
+def test_cd_soft_labels_and_sampling():
+    """CD: BCE against y = sigmoid((-d + t2) / t1); its picks follow exp(-rho / (K T)) of the
+    student's order, without replacement."""
+    s, d = torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, 4.0]])
+    y = [1 / (1 + math.exp(2.0 / KB.CD_T1)), 1 / (1 + math.exp(4.0 / KB.CD_T1))]
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    want = sum(-(yy * math.log(sig(x)) + (1 - yy) * math.log(1 - sig(x))) for yy, x in zip(y, [0.5, -1.0]))
+    assert math.isclose(float(KB.cd_loss(s, d)[0]), want, rel_tol=1e-6)
+    torch.manual_seed(0)
+    s_cand = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(20000, 1)
+    picks = KB.cd_sample(s_cand, m=1, T=0.1)                         # sharp: the student's first far more often
+    freq = torch.bincount(picks[:, 0], minlength=4).float() / 20000
+    p = torch.softmax(-torch.arange(1, 5).float() / (4 * 0.1), 0)
+    assert torch.allclose(freq, p, atol=0.01)
+    two = KB.cd_sample(s_cand[:100], m=2)
+    assert (two[:, 0] != two[:, 1]).all()
+
+
+def test_relaxed_ranking_equals_a_slow_sum_and_rrd_masks_its_draws():
+    g = torch.Generator().manual_seed(1)
+    s1, s2 = torch.randn(3, 4, generator=g) * 3, torch.randn(3, 7, generator=g) * 3
+    s2[0, 2] = -math.inf                                             # a draw left out
+    got = KB.relaxed_ranking(s1, s2)
+    for b in range(3):
+        below = sum(math.exp(float(x)) for x in s2[b] if math.isfinite(float(x)))
+        want = -sum(float(s1[b, r]) - math.log(sum(math.exp(float(x)) for x in s1[b, r:]) + below) for r in range(4))
+        assert math.isclose(float(got[b]), want, rel_tol=1e-5)
+    # by hand: one ranked item of score 0 above one other of score 0: -(0 - log 2)
+    assert math.isclose(float(KB.relaxed_ranking(torch.zeros(1, 1), torch.zeros(1, 1))[0]), math.log(2), rel_tol=1e-6)
+    c, target = torch.tensor([[0, 1, 2]]), torch.tensor([3])
+    u, ok = KB.uninteresting(c, target, n_items=5, L=200)
+    assert (ok == ~((u <= 3))).all() and ok.any()
+
+
+def test_dcd_sampling_weights_and_draws():
+    """Under-estimated: the student ranks it below the teacher's place; over-estimated: above."""
+    rank_s = torch.tensor([[0, 30, 1]])                              # teacher ranks 0, 1, 2
+    under, over = KB.dcd_probs(rank_s, T=10.0)
+    assert torch.allclose(under, torch.tensor([[1e-5, math.tanh(2.9), 1e-5]]))
+    assert torch.allclose(over, torch.tensor([[1e-5, 1e-5, math.tanh(0.1)]]))
+    torch.manual_seed(0)
+    u, o = KB.dcd_sample(rank_s.repeat(500, 1), share=0.34)          # k = 1
+    assert (u[:, 0] == 1).float().mean() > 0.99 and (o[:, 0] == 2).float().mean() > 0.99
+    u, o = KB.dcd_sample(torch.randint(0, 50, (200, 10)), share=0.5)
+    assert (u.diff(1) > 0).all() and all(len(set(row.tolist())) == 5 for row in o)     # sorted, distinct
+
+
+def test_unkd_groups_pairs_and_loss():
+    """Items by popularity into groups of about equal total count; each pair within one group,
+    i a candidate of the row, j an unlisted item; a row without a candidate in a group: masked."""
+    targets = np.array([0] * 6 + [1] * 3 + [2] * 2 + [3])            # counts 6, 3, 2, 1 (+ item 4: 0)
+    assert list(KB.popularity_groups(targets, 5, 2)) == [0, 1, 1, 1, 1]
+    group = torch.as_tensor(KB.popularity_groups(targets, 5, 2))
+    c = torch.tensor([[0, 2], [3, 4]])
+    torch.manual_seed(0)
+    i, j, valid = KB.unkd_pairs(c, group, pairs=2)
+    assert i.shape == (2, 2) and (group[i[valid]] == group[j[valid]]).all()
+    for b in range(2):
+        for p in range(2):
+            if valid[b, p]:
+                assert int(i[b, p]) in c[b].tolist() and int(j[b, p]) not in c[b].tolist()
+    assert not valid[1, 0]                                            # row 1 lists nothing of group 0
+    s_i, s_j = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    want = math.log(1 + math.exp(-1.0))                               # only the first pair is valid
+    assert math.isclose(float(KB.unkd_loss(s_i, s_j, torch.tensor([[True, False]]))[0]), want, rel_tol=1e-6)
+    assert float(KB.unkd_loss(s_i, s_j, torch.zeros(1, 2, dtype=torch.bool))[0]) == 0
+
+
+def test_hint_and_htd_losses_equal_slow_versions():
+    torch.manual_seed(0)
+    z = torch.randn(12, 6)
+    head = KB.make_head("hint", 4, z * 5)                             # the features' scale divided out
+    assert torch.allclose(head.z.pow(2).mean(), torch.tensor(1.0))
+    e, items = torch.randn(3, 4), torch.tensor([0, 5, 5])
+    with torch.no_grad():
+        want = np.mean([float(((head.z[i] - head.W(e[k])) ** 2).sum()) for k, i in enumerate(items)])
+    assert math.isclose(float(head.loss(e, items)), want, rel_tol=1e-5)
+    s, t, grp = torch.randn(6, 4), torch.randn(6, 5), torch.tensor([0, 0, 1, 1, 1, 3])
+    cos = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    entity = sum((cos(s[a], s[b]) - cos(t[a], t[b])) ** 2 for a in range(6) for b in range(6)
+                 if grp[a] == grp[b] and cos(t[a], t[b]) > 0)
+    protos = [(s[grp == k].mean(0), t[grp == k].mean(0)) for k in (0, 1, 3)]
+    group = sum((cos(ps, s[a]) - cos(pt, t[a])) ** 2 for ps, pt in protos for a in range(6))
+    assert math.isclose(float(KB.topology(s, t, grp)), entity + group, rel_tol=1e-4)
+    htd = KB.make_head("htd", 4, z)
+    loss = htd.loss(e, items)
+    loss.backward()
+    assert loss.isfinite() and htd.v.weight.grad is not None and htd.f[0][0].weight.grad is not None
+
+
+@pytest.mark.parametrize("kd", [m for m in KB.METHODS if m != "dllm2rec"])
+def test_each_baseline_trains_a_student_and_names_its_variant(kd):
+    """One epoch of each on the tiny data (DROS: with its DRO term); a ranking baseline's student
+    keeps its own embeddings, an embedding baseline's has a head; uncovered rows add nothing."""
+    ds = tiny_dataset()
+    t = random_teacher(ds, rows=np.arange(0, 300, 2))
+    cfg = D.Config(student="dros", distilled=True, kd=kd, epochs=1, batch_size=64)
+    r = D.fit(ds, cfg, t, log=lambda *a: None)
+    assert r["variant"] == kd and math.isfinite(r["epochs"][0]["loss"]) and r["config"]["kd"] == kd
+    model = D.build_student(cfg, ds.n_items, torch.as_tensor(ds.train.target), torch.as_tensor(t.item_emb))
+    assert model.embed.g is None and hasattr(model, "kd_head") == (kd in KB.EMBEDDING)
+    if kd in KB.RANKING:
+        h = model(*(torch.as_tensor(a[:8]) for a in (ds.train.hist, ds.train.lens)))
+        c, dd = torch.as_tensor(t.splits["train"].ids[:8, :10]), torch.as_tensor(t.splits["train"].dist[:8, :10])
+        target, neg = torch.as_tensor(ds.train.target[:8]), torch.zeros(8, dtype=torch.long)
+        assert float(KB.kd_loss(kd, model, h, target, neg, c, dd, torch.zeros(8, dtype=torch.bool))) == 0
+    assert runs.run_key("f", "t", {**r["config"]}, False) != runs.run_key("f", "t", {**r["config"], "kd": "dllm2rec"}, False)
+    assert runs.run_key("f", "t", {"kd": "dllm2rec", "lam": 1}, False) == runs.run_key("f", "t", {"lam": 1}, False)
+
+
 # ---------------------------------------------------------------------------- the trained-model teacher, random twins, lam on validation
 def test_model_teacher_sees_the_training_rows_only_and_ranks_by_the_ensemble_log_probability():
     """Validation and test rows replaced or removed: the same cache to the last bit. Each row's
@@ -1717,6 +1852,9 @@ def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
                                 "outside them); tiny has 40"),
     (["mechanism", "--students", "sasrec,dros"], "the mechanism check trains one student"),
     (["train", "--ablations", "no_wp"], "need --teacher"), (["train", "--no-baseline"], "need --teacher"),
+    (["train", "--kd", "rd"], "need --teacher"),
+    (["train", "--kd", "rd", "--teacher", "T", "--ablations", "no_wp"], "--kd rd with --ablations: the ablations are"),
+    (["train", "--kd", "hint", "--teacher", "T", "--row-gate", "target"], "--kd hint: the ablations and the row gate"),
     (["reproduce", "--zero-shot", "--lora", "A"], "--zero-shot with --lora"),
     (["train", "--device", "cpu", "--official-protocol", "--batch-size", "400"], "300 training rows, fewer than --batch-size 400"),
     (["ablation", "--reuse", "missing.json"], "--reuse missing.json: unreadable"),
