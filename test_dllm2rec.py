@@ -47,7 +47,7 @@ needs_llm = pytest.mark.skipif(not (importlib.util.find_spec("llama_cpp") and im
 
 # ============================================================================ helpers and fixtures
 RESEARCH = ("mechanism", "ablation", "compare-teachers", "bench", "retrieval-teacher", "gates", "model-teacher",
-            "knowledge", "false-positives")   # python -m research
+            "knowledge", "false-positives", "table5")   # python -m research
 
 
 def main(argv):
@@ -1547,6 +1547,36 @@ def test_knowledge_command_compares_each_teacher_with_its_twin_holm_within_each_
         main(argv + ["--shard", f"{i}/2", "--reuse", *map(str, shards[:2]), "--out", str(shards[2 + i])])
     again = main(argv + ["--reuse", *map(str, shards), "--reuse-only"])
     assert [l["NDCG@20"] for l in again["table"]] == [l["NDCG@20"] for l in out["table"]]
+
+
+def test_table5_command_lays_out_the_baselines_with_gains_and_holm_within_each_family(tmp_path, monkeypatch, capsys):
+    ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
+    ds.test.user = np.arange(len(ds.test)) % 9
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    src = random_teacher(ds)
+    C.write_cache(tmp_path / "t", ds, src.item_emb, src.splits, {"model": "random"})
+    argv = ["table5", "--teachers", str(tmp_path / "t"), "--students", "sasrec,gru4rec", "--kds", "rd,hint",
+            "--lams", "0.5", "--kd-lams", "0.1", "1", "--seeds", "2", "--epochs", "1", "--batch-size", "64"]
+    out = main(argv)
+    assert len(out["runs"]) == 2 * 2 * (1 + 2 + 2 * 2)       # seeds x students x (base, full + twin, 2 kds x 2 lams)
+    block = next(b for b in out["table"] if b["student"] == "sasrec")
+    lines = {l["variant"]: l for l in block["lines"]}
+    assert set(lines) == {"base", "rd", "hint", "dllm2rec", "dllm2rec, random twin"}
+    assert block["gain_s"]["NDCG@20"] == pytest.approx(lines["dllm2rec"]["NDCG@20"] / lines["base"]["NDCG@20"] - 1)
+    runs_of = lambda v: [r for r in out["runs"] if r["config"]["student"] == "sasrec" and r["variant"] == v]
+    val = {v: max(np.mean([r["val"]["NDCG@20"] for r in runs_of(v) if r["config"]["lam"] == lam]) for lam in (0.1, 1.0))
+           for v in ("rd", "hint")}
+    assert block["best_baseline"] == max(val, key=val.get)
+    best = lines[block["best_baseline"]]
+    assert block["gain_b"]["NDCG@20"] == pytest.approx(lines["dllm2rec"]["NDCG@20"] / best["NDCG@20"] - 1)
+    assert best["lam_grid"] is not None and lines["dllm2rec"]["lam"] == 0.5
+    sizes = {c["family"]: c["paired"]["family_size"] for b in out["table"]
+             for c in [l["vs_base"] for l in b["lines"] if "vs_base" in l] + [b["vs_best"]]}
+    assert sizes == {"table5 vs base": 8, "table5 vs best baseline": 2}
+    printed = capsys.readouterr().out
+    assert re.search(r"^Gain\.S ", printed, re.M) and "best baseline (" in printed
+    with pytest.raises(SystemExit, match="argument --kds: .bert.: choose from hint,htd"):
+        main([*argv, "--kds", "bert"])
 
 
 def test_seed_bootstrap_test_equals_a_slow_loop_over_its_draws():

@@ -9,7 +9,7 @@ import model_teacher
 import students
 from common import at_least, between, checked, choice_list, preset
 from dllm2rec import Config
-from research import ablation, bench, compare, false_positives, gates, knowledge, mechanism, retrieval, teachers
+from research import ablation, bench, compare, false_positives, gates, knowledge, mechanism, retrieval, table5, teachers
 
 
 def confidence_flag(p) -> None:
@@ -27,7 +27,7 @@ def teacher_arg(text: str) -> tuple:
 
 
 def add_commands(sub, parent) -> dict:
-    """mechanism, ablation, compare-teachers, bench, retrieval-teacher, model-teacher, knowledge,
+    """mechanism, ablation, compare-teachers, bench, retrieval-teacher, model-teacher, knowledge, table5,
     false-positives and gates on the subparsers sub; {name: function(args, ds)}."""
     mc = sub.add_parser("mechanism", parents=[parent],
                         help="diagnostic: distillation gain from synthetic teachers of known quality")
@@ -98,7 +98,8 @@ def add_commands(sub, parent) -> dict:
             ("model-teacher", model_teacher, "a teacher cache from an ensemble of recommenders trained on the training rows only"),
             ("knowledge", knowledge, "each teacher against its random twin, lam chosen on validation, with the ablations"),
             ("false-positives", false_positives, "the verdict rule's false-positive rate: runs of one configuration, "
-                                                 "seeds split in two")):
+                                                 "seeds split in two"),
+            ("table5", table5, "the paper's Table 5: the distillation baselines beside DLLM2Rec and its random-twin floor")):
         module.flags(sub.add_parser(name, parents=[parent], help=text))
     g = sub.add_parser("gates", parents=[parent],
                        help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
@@ -117,7 +118,8 @@ def add_commands(sub, parent) -> dict:
     return {"mechanism": mechanism.cmd_mechanism, "ablation": ablation.cmd_ablation,
             "compare-teachers": compare.cmd_compare, "bench": bench.cmd_bench, "retrieval-teacher": retrieval.cmd_retrieval,
             "gates": gates.cmd_gates, "model-teacher": model_teacher.cmd_model_teacher,
-            "knowledge": knowledge.cmd_knowledge, "false-positives": false_positives.cmd_false_positives}
+            "knowledge": knowledge.cmd_knowledge, "false-positives": false_positives.cmd_false_positives,
+            "table5": table5.cmd_table5}
 
 
 def main(argv=None):
