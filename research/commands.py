@@ -2,8 +2,6 @@
 parsing and one-line errors are cli.py's)."""
 from __future__ import annotations
 
-import argparse
-
 import cli
 import model_teacher
 import students
@@ -16,14 +14,6 @@ def confidence_flag(p) -> None:
     p.add_argument("--confidence", choices=teachers.CONFIDENCE, default="honest",
                    help="the synthetic teachers' distances: honest (random candidates farther, ranked below the good "
                         "ones) or flat (one distance distribution for both, random ranks: only w_o can tell them apart)")
-
-
-def teacher_arg(text: str) -> tuple:
-    """An argparse type of gates.teacher_spec."""
-    try:
-        return gates.teacher_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_commands(sub, parent) -> dict:
@@ -104,7 +94,7 @@ def add_commands(sub, parent) -> dict:
     g = sub.add_parser("gates", parents=[parent],
                        help="beyond the paper: the row-gate table, each --row-gate against full DLLM2Rec and the base")
     cli.student_flags(g)
-    g.add_argument("--teachers", type=teacher_arg, nargs="+", default=[gates.teacher_spec(t) for t in ("0", "mixed", "1")],
+    g.add_argument("--teachers", type=gates.teacher_arg, nargs="+", default=[gates.teacher_spec(t) for t in ("0", "mixed", "1")],
                    help="a synthetic teacher's quality (0: random) or 'mixed', each with an optional ':flat' "
                         "confidence (default honest), a teacher cache folder (e.g. the retrieval teacher's), or "
                         "mix:GOOD,BAD[:flat]: two cache folders, GOOD's advice on a random half of the rows, BAD's on "

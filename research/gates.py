@@ -8,6 +8,8 @@ base; with the mixed teacher (right on half the rows) a gate is a gain over full
 a good teacher it costs nothing (not a loss against full DLLM2Rec)."""
 from __future__ import annotations
 
+import argparse
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,6 +52,14 @@ def teacher_spec(text: str) -> tuple[str, str | float | tuple, str]:
     if conf or not Path(text).is_dir():
         raise ValueError(f"{text!r}: neither a quality, 'mixed' nor a teacher cache folder")
     return "cache", text, ""
+
+
+def teacher_arg(text: str) -> tuple:
+    """An argparse type of teacher_spec."""
+    try:
+        return teacher_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def make_teacher(spec: tuple, ds, K: int, seed: int, counts, good) -> tuple[str, cache.TeacherOutputs]:

@@ -17,10 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import baselines
-import cache
 import cli
 import runs
 from common import UserError, choice_list, preset, write_json
+from research import gates, teachers
 from research.knowledge import correct_by_family, twin_of
 from results import HR, NDCG, compare, format_rows, lam_cell, pm, summarise
 
@@ -32,12 +32,16 @@ def cmd_table5(args, ds) -> dict:
     p = cli.plan(args, ds, None)
     if not p.lams or not args.kd_lams:
         raise UserError("--lams and --kd-lams: every method's weight is chosen on validation; give a grid for each")
+    if any(kind not in ("cache", "mix") for kind, _, _ in args.teachers):
+        teachers.check_room(ds, p.cfg.K)
+    counts = teachers.transition_counts(ds)
+    good = teachers.good_candidates(ds, counts, p.cfg.K)
     made = []
-    for path in args.teachers:
-        t = cache.load_teacher(path, ds)
+    for spec in args.teachers:
+        name, t = gates.make_teacher(spec, ds, p.cfg.K, p.cfg.seed, counts, good)
         if t.top_n < p.cfg.K:
-            raise UserError(f"--k {p.cfg.K}: more than the {t.top_n} candidates per row {path} keeps")
-        made.append((Path(path).name, t, twin_of(t, ds, p.cfg.seed)))
+            raise UserError(f"--k {p.cfg.K}: more than the {t.top_n} candidates per row {name} keeps")
+        made.append((name, t, twin_of(t, ds, p.cfg.seed)))
     kd_grid = tuple(dict.fromkeys(args.kd_lams))
     per_teacher = 2 * len(p.lams) + len(args.kds) * len(kd_grid)
     clock = runs.RunClock(p.seeds * len(p.students) * (1 + per_teacher * len(made)), p.shard)
@@ -148,8 +152,9 @@ def cells(c: dict) -> list:
 
 def flags(p) -> None:
     cli.student_flags(p)
-    p.add_argument("--teachers", nargs="+", required=True, metavar="CACHE",
-                   help="teacher cache folders (e.g. model-teacher's); each gets a random twin as the floor")
+    p.add_argument("--teachers", type=gates.teacher_arg, nargs="+", required=True, metavar="TEACHER",
+                   help="teacher cache folders (e.g. model-teacher's) or a synthetic teacher's quality (1: the "
+                        "collaborative teacher); each gets a random twin as the floor")
     p.add_argument("--kds", type=choice_list(ORDER), default=list(ORDER), help=f"comma-separated, from {','.join(ORDER)}")
     cli.lam_grid_flag(p)
     p.add_argument("--kd-lams", type=float, nargs="+", metavar="LAM", default=[],
