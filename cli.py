@@ -163,7 +163,7 @@ def cmd_reproduce(args, ds) -> dict:
     mt_students = p.students[:mt["students"]] if mt_seeds else []
     if device.type == "cpu" and (args.students is None or args.seeds is None):
         print(f"on CPU the single command trains {', '.join(p.students)} over {p.seeds} seeds to fit about 20 "
-              "minutes; the full protocol runs on CUDA, or here with --students gru4rec,sasrec,cl4srec,dros,caser --seeds 3")
+              f"minutes; the full protocol runs on CUDA, or here with --students {','.join(students.STUDENTS)} --seeds 3")
     if mt_students:
         print(f"then a trained-model teacher's row (not an LLM; --model-teacher-seeds 0 leaves it out): "
               f"{' + '.join(model_teacher.MEMBERS)} x {mt_seeds} fitted on the training rows, distilled into "

@@ -129,8 +129,9 @@ class DroNormaliser(torch.autograd.Function):
 
 def dro_loss(scores: torch.Tensor, targets: torch.Tensor, ps: torch.Tensor, beta: float = DRO_BETA) -> torch.Tensor:
     """L_DRO(s, t) = log sum_j exp(ps_j (y_sj - 1[j = t])^2 / beta) for each row s and each
-    target column: scores [B, n], targets [B, m] -> [B, m]; the sum over j is computed once per
-    row (DroNormaliser) and shared by the targets. Stable: sum_j = exp(M) * rest_t + exp(b_t),
+    target column: scores [B, n], targets [B, m] -> [B, m]. Its plain form, one [B, m, n] tensor
+    (the test's oracle): torch.logsumexp(ps / beta * (scores[:, None] - one_hot(targets, n))**2, -1).
+    Here the sum over j is computed once per row (DroNormaliser) and shared by the targets. Stable: sum_j = exp(M) * rest_t + exp(b_t),
     where rest_t, the sum over j != t divided by exp(M), is R if t is the row's argmax, else
     1 + R - exp(a_t - M) (>= 1, no cancellation)."""
     c = ps / beta
@@ -148,6 +149,38 @@ def dro_candidate_term(w: torch.Tensor, dro_cand: torch.Tensor, official: bool) 
     if official:
         return (w.mean(dim=0) * dro_cand.mean(dim=0)).sum()
     return (w * dro_cand).sum(dim=1).mean()
+
+
+# ---------------------------------------------------------------------------- the ranking distillation
+def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=None, covered=None,
+            gate=None) -> torch.Tensor:
+    """lam * L_rank, the importance-aware ranking distillation, vectorised over the K candidates.
+
+    s_cand [B, K]: the student's scores of the teacher's top-K items c_1..c_K (nearest first);
+    s_neg [B]: its score of the row's sampled negative; dist [B, K]: the teacher's distances;
+    cand [B, K]: the candidate ids; student_topk [B, K]: the student's current top-K ids;
+    dro_cand [B, K]: L_DRO(s, c_r) for a student with the DRO term (adds alpha * w_r * L_DRO);
+    covered [B] bool: rows the teacher ran on; the others contribute 0 to the batch mean, so a
+    covered row weighs the same whatever the teacher's coverage; gate [B]: a row gate (beyond
+    the paper), scaling each covered row's term, batch_gate-normalised.
+    cfg gives lam, the gammas, alpha and which official formulas to use."""
+    B, K = cand.shape
+    if cfg.weight_gammas is None:                                                # ablation: w_r = 1/K
+        w = torch.full((B, K), 1.0 / K, dtype=dist.dtype, device=dist.device)
+    else:
+        w_p = position_weight(K, cand.device, dist.dtype).expand(B, K)           # [B, K]
+        w_c = (confidence_weight_official if cfg.official_weights else confidence_weight)(dist)
+        w_o = consistency_weight(cand, student_topk).to(dist.dtype) + (OFFICIAL_EPS if cfg.official_weights else 0.0)
+        w = importance_weight(w_p, w_c, w_o, cfg.weight_gammas)                  # [B, K]
+    keep = torch.ones(B, dtype=dist.dtype, device=dist.device) if covered is None else covered.to(dist.dtype)
+    if gate is not None:
+        keep = batch_gate(gate.to(dist.dtype), keep > 0)                         # [B], mean 1 over covered rows
+    w = w * keep.unsqueeze(1)                                                    # uncovered rows: 0
+    bce = F.softplus(-s_cand) + neg_term(s_neg, cfg.official_neg).unsqueeze(1)   # [B, K]
+    loss = (w * bce).sum(dim=1).mean()
+    if dro_cand is not None:
+        loss = loss + cfg.alpha * dro_candidate_term(w, dro_cand, cfg.official_dro)
+    return cfg.lam * loss
 
 
 # ---------------------------------------------------------------------------- beyond the paper: a row gate
@@ -181,37 +214,6 @@ def batch_gate(gate: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
     c = covered.to(gate.dtype)
     return c * gate * c.sum().clamp(min=1.0) / (c * gate).sum().clamp(min=torch.finfo(gate.dtype).tiny)
 
-
-# ---------------------------------------------------------------------------- the ranking distillation
-def distill(s_cand, s_neg, dist, cand, student_topk, cfg: "Config", dro_cand=None, covered=None,
-            gate=None) -> torch.Tensor:
-    """lam * L_rank, the importance-aware ranking distillation, vectorised over the K candidates.
-
-    s_cand [B, K]: the student's scores of the teacher's top-K items c_1..c_K (nearest first);
-    s_neg [B]: its score of the row's sampled negative; dist [B, K]: the teacher's distances;
-    cand [B, K]: the candidate ids; student_topk [B, K]: the student's current top-K ids;
-    dro_cand [B, K]: L_DRO(s, c_r) for a student with the DRO term (adds alpha * w_r * L_DRO);
-    covered [B] bool: rows the teacher ran on; the others contribute 0 to the batch mean, so a
-    covered row weighs the same whatever the teacher's coverage; gate [B]: a row gate (beyond
-    the paper), scaling each covered row's term, batch_gate-normalised.
-    cfg gives lam, the gammas, alpha and which official formulas to use."""
-    B, K = cand.shape
-    if cfg.weight_gammas is None:                                                # ablation: w_r = 1/K
-        w = torch.full((B, K), 1.0 / K, dtype=dist.dtype, device=dist.device)
-    else:
-        w_p = position_weight(K, cand.device, dist.dtype).expand(B, K)           # [B, K]
-        w_c = (confidence_weight_official if cfg.official_weights else confidence_weight)(dist)
-        w_o = consistency_weight(cand, student_topk).to(dist.dtype) + (OFFICIAL_EPS if cfg.official_weights else 0.0)
-        w = importance_weight(w_p, w_c, w_o, cfg.weight_gammas)                  # [B, K]
-    keep = torch.ones(B, dtype=dist.dtype, device=dist.device) if covered is None else covered.to(dist.dtype)
-    if gate is not None:
-        keep = batch_gate(gate.to(dist.dtype), keep > 0)                         # [B], mean 1 over covered rows
-    w = w * keep.unsqueeze(1)                                                    # uncovered rows: 0
-    bce = F.softplus(-s_cand) + neg_term(s_neg, cfg.official_neg).unsqueeze(1)   # [B, K]
-    loss = (w * bce).sum(dim=1).mean()
-    if dro_cand is not None:
-        loss = loss + cfg.alpha * dro_candidate_term(w, dro_cand, cfg.official_dro)
-    return cfg.lam * loss
 
 
 # ============================================================================ configuration

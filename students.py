@@ -12,22 +12,17 @@ loss (dllm2rec.py): a name says only whether a student carries it (parse_student
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-STUDENTS = ("gru4rec", "sasrec", "cl4srec", "dros", "caser")
-# any backbone with the DRO term; "dros" is the paper's name for SASRec with it
-WITH_DRO = ("gru4rec+dro", "cl4srec+dro", "caser+dro")
-CHOICES = STUDENTS + WITH_DRO
-
 
 def parse_student(name: str) -> tuple[str, bool]:
     """A student's name -> (backbone, with the DRO term): "dros" -> ("sasrec", True)."""
-    if name not in CHOICES:
+    if name not in REGISTRY:
         raise ValueError(f"unknown student {name!r}; choose from {', '.join(CHOICES)}")
-    return ("sasrec", True) if name == "dros" else (name.removesuffix("+dro"), name.endswith("+dro"))
+    backbone, with_dro = REGISTRY[name]
+    return backbone.name, with_dro
 
 
 class ItemEmbedding(nn.Module):
@@ -110,6 +105,7 @@ def last_real(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
 
 class GRU4Rec(Student):
     """Item embedding -> 1-layer GRU -> hidden state after the last real item."""
+    name = "gru4rec"
 
     def __init__(self, n_items, **kw):
         super().__init__(n_items, **kw)
@@ -130,6 +126,7 @@ class SASRec(Student):
     positions through keys and values only; so the query side is computed at that position
     alone (`encode_all_positions` is the every-position version; the tests check that both
     agree, and that both equal a transcription of the official layout)."""
+    name = "sasrec"
 
     def __init__(self, n_items, **kw):
         super().__init__(n_items, **kw)
@@ -183,6 +180,7 @@ class Caser(Student):
     [L, d] image; horizontal convolutions Conv2d(1, F, (h, d)), h in CASER_FILTER_SIZES, ReLU,
     max over time -> [3F]; a vertical convolution Conv2d(1, 1, (L, 1)), ReLU -> [d];
     h = dropout(concat) [3F + d]. L is the full padded history (max_len); lens is not used."""
+    name = "caser"
 
     def __init__(self, n_items, **kw):
         d, F_ = kw["dim"], CASER_FILTERS
@@ -269,6 +267,7 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
 
 class CL4SRec(SASRec):
     """SASRec + cl_weight * InfoNCE between two augmented views of each history."""
+    name = "cl4srec"
 
     def __init__(self, n_items, **kw):
         super().__init__(n_items, **kw)
@@ -280,9 +279,18 @@ class CL4SRec(SASRec):
         return self.cl_weight * info_nce(z1, z2, self.tau)
 
 
+# ============================================================================ the one registry
+# every name a student goes by -> (its backbone class, whether it carries the DRO term); "dros" is
+# the paper's name for SASRec with it, "<backbone>+dro" any other backbone with it
+REGISTRY = {"gru4rec": (GRU4Rec, False), "sasrec": (SASRec, False), "cl4srec": (CL4SRec, False),
+            "dros": (SASRec, True), "caser": (Caser, False),
+            "gru4rec+dro": (GRU4Rec, True), "cl4srec+dro": (CL4SRec, True), "caser+dro": (Caser, True)}
+CHOICES = tuple(REGISTRY)
+STUDENTS = tuple(n for n in REGISTRY if not n.endswith("+dro"))      # the five students of the tables
+
+
 def make_student(name: str, n_items: int, **kw) -> Student:
     """name: one of CHOICES (its backbone; the DRO term is the training loss's); kw: dim,
     dropout, max_len, teacher_emb, ed_weight, use_offset (see Student)."""
-    backbone, _ = parse_student(name)
-    cls = {"gru4rec": GRU4Rec, "sasrec": SASRec, "cl4srec": CL4SRec, "caser": Caser}[backbone]
-    return cls(n_items, **kw)
+    parse_student(name)
+    return REGISTRY[name][0](n_items, **kw)
