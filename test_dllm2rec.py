@@ -27,9 +27,11 @@ import cache as C
 import cli
 import data
 import dllm2rec as D
+import llm as LL
 import finetune as FT
 import metrics
 import model_teacher as MT
+import prompt as PR
 import research.plots
 import results as R
 import runs
@@ -37,6 +39,7 @@ import step as ST
 import students as S
 import teacher as T
 from common import UserError, at_the_boundary, from_args, write_json
+from llm import open_engine
 from research import ablation as ABL, commands as RC, gates as G, mechanism as MECH, teachers as SY
 
 ML100K = Path(os.environ.get("DLLM2REC_ML100K", "unset: set DLLM2REC_ML100K"))
@@ -2049,15 +2052,23 @@ def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, mon
     adapter.write_bytes(b"")
     adapter.with_suffix(".json").write_text(json.dumps({"fingerprint": ds.fingerprint, "titles_only": True}))
     monkeypatch.setattr(T, "DEFAULT_ADAPTER", adapter)
-    args = lambda *extra: parse(["reproduce", *extra])
-    assert T.default_adapter(args(), ds) == (str(adapter), True)
-    assert T.default_adapter(args("--zero-shot"), ds) == (None, False)
+    assert adapter_of([], ds) == adapter_of([], ds, "teacher") == (str(adapter), True)   # one choice for both
+    assert adapter_of(["--zero-shot"], ds) == adapter_of(["--zero-shot"], ds, "teacher") == (None, False)
     for name in ("mine.gguf", "other.gguf"):
         (tmp_path / name).write_bytes(b"GGUF")                                # the flags check the magic
     mine, other = str(tmp_path / "mine.gguf"), str(tmp_path / "other.gguf")
-    assert T.default_adapter(args("--lora", mine), ds) == (mine, False)
-    assert T.default_adapter(args("--model", other, "--titles-only"), ds) == (None, True)
-    assert T.default_adapter(args(), tiny_dataset(seed=1)) == (None, False)   # other rows: not trained for them
+    assert adapter_of(["--lora", mine], ds) == (mine, False)
+    assert adapter_of(["--model", other, "--titles-only"], ds) == (None, True)
+    assert adapter_of([], tiny_dataset(seed=1)) == (None, False)   # other rows: not trained for them
+    with pytest.raises(UserError, match="--zero-shot with --lora"):
+        adapter_of(["--zero-shot", "--lora", mine], ds, "teacher")
+
+
+def adapter_of(argv: list, ds, command: str = "reproduce") -> tuple:
+    """(adapter, titles only) of a command line's teacher settings after the default adapter."""
+    args = parse([command, *argv])
+    st = T.with_default_adapter(from_args(T.TeacherSettings, args), ds, args.zero_shot)
+    return st.lora, st.titles_only
 
 
 # ============================================================================ teacher cache and official files (cache.py)
@@ -2150,13 +2161,13 @@ def test_official_files_under_the_earlier_names_load_the_same(tmp_path):
 
 # ============================================================================ the LLM teacher on llama.cpp (teacher.py)
 def test_bigrec_prompt_is_the_alpaca_template():
-    prefix, suffix = T.prompt_template("movies")
-    prompt = prefix + T.history_text(["A (1990)", "B"]) + suffix
+    prefix, suffix = PR.prompt_template("movies")
+    prompt = prefix + PR.history_text(["A (1990)", "B"]) + suffix
     assert prompt == ("Below is an instruction that describes a task, paired with an input that provides further context. "
                       "Write a response that appropriately completes the request. \n\n### Instruction:\nGiven a list of "
                       "movies the user has watched before, please recommend a new movie that the user likes to the user."
                       "\n\n### Input:\nThe user has watched the following movies before:\"A (1990)\", \"B\"\n\n### Response:\n")
-    assert "video games the user has played" in T.prompt_template("games")[0]
+    assert "video games the user has played" in PR.prompt_template("games")[0]
     assert C.answer_title(' "Heat (1995)" and more') == "Heat (1995)" and C.answer_title(" Heat\n") == "Heat"
 
 
@@ -2197,8 +2208,8 @@ def test_generation_is_llama_cpp_greedy_decoding(tiny_model):
     llama.cpp's own logits for prompt + the tokens so far (a random model has near ties,
     which rounding may flip: steps with a top-2 margin under 0.5 end that row's check)."""
     from llama_cpp import Llama
-    prefix, suffix = T.prompt_template("movies")
-    rests = [T.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
+    prefix, suffix = PR.prompt_template("movies")
+    rests = [PR.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
     ours = T.LlamaTeacher(T.TeacherSettings(model=str(tiny_model), n_ctx=1024, n_seq=4, max_new_tokens=10))
     try:
         ours.set_prefix(prefix)
@@ -2229,8 +2240,8 @@ def test_titles_only_decoding_is_the_greedy_choice_among_catalogue_titles(tiny_m
     scanning the titles' token lists, not with the trie)."""
     from llama_cpp import Llama
     titles = ["Heat (1995)", "Heat", "Toy Story (1995)", "Casino (1995)", "Babe (1995)", "Big (1988)", "x"]
-    prefix, suffix = T.prompt_template("movies")
-    rests = [T.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
+    prefix, suffix = PR.prompt_template("movies")
+    rests = [PR.history_text(h) + suffix for h in (["Heat"], ["Toy Story (1995)", "Heat"], ["x"], ["y", "z"], ["w"])]
     ours = T.LlamaTeacher(T.TeacherSettings(model=str(tiny_model), n_ctx=1024, n_seq=4, max_new_tokens=2))   # the cap does not cut titles
     try:
         ours.constrain_to(titles)
@@ -2362,10 +2373,13 @@ def test_cache_of_another_dataset_model_or_prompt_is_refused(tiny_model, tmp_pat
         T.run_teacher(ds, tmp_path / "c", chat)
     work = tmp_path / "c" / "work"
     other_prompt = {**json.loads((work / "identity.json").read_text()), "prompt": {"template": "chat", "sha256": "x"}}
-    with pytest.raises(C.TeacherError, match=r"another prompt \(\{'template': 'alpaca'"):
+    with pytest.raises(C.TeacherError, match=r"another prompt \(sha256: \w+ there, x now; template: alpaca there, chat now\)"):
         T.check_identity(work, other_prompt)
     with pytest.raises(C.TeacherError, match="another dataset fingerprint"):
         T.run_teacher(tiny_dataset(seed=5), tmp_path / "c", st)
+    # --n-ctx sets llama.cpp's n_ubatch (how a prompt is split, so the rounding): a resume with another is refused
+    with pytest.raises(C.TeacherError, match=r"another generation \(n_ctx: 1024 there, 2048 now\)"):
+        T.run_teacher(ds, tmp_path / "c", T.TeacherSettings(**{**st.__dict__, "n_ctx": 2048}))
 
 
 @needs_llm
@@ -2373,8 +2387,8 @@ def test_cache_made_by_another_llama_cpp_build_is_refused(tiny_model, tmp_path, 
     ds, st = tiny_dataset(), tiny_settings(tiny_model)
     T.run_teacher(ds, tmp_path / "c", st, stop_after=1)
     made = json.loads((tmp_path / "c" / "work" / "identity.json").read_text())["llama_cpp"]
-    assert made == T.build_identity() and made["compiled_for"].startswith("CPU")
-    monkeypatch.setattr(T, "build_identity", lambda: {**made, "libraries_sha256": "another build"})
+    assert made == LL.build_identity() and made["compiled_for"].startswith("CPU")
+    monkeypatch.setattr(LL, "build_identity", lambda: {**made, "libraries_sha256": "another build"})
     with pytest.raises(C.TeacherError, match="another llama_cpp"):
         T.run_teacher(ds, tmp_path / "c", st)
 
@@ -2409,7 +2423,7 @@ def test_a_kv_cache_too_small_or_too_large_is_refused_before_any_chunk(tiny_mode
         T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, n_ctx=200))
     assert not any((tmp_path / "c" / "work").glob("*.npz"))
     with pytest.raises(C.TeacherError, match=r"--n-ctx 6000: more than \(--teacher-seqs 4 \+ 1\) x the 1024 tokens"):
-        T.LlamaTeacher(tiny_settings(tiny_model, n_ctx=6000))
+        T.LlamaTeacher(tiny_settings(tiny_model, n_ctx=6000)).load()
     with pytest.raises(C.TeacherError, match=r"--top-n 41: more than the 40 items"):
         T.run_teacher(ds, tmp_path / "c", tiny_settings(tiny_model, top_n=41))
 
@@ -2420,12 +2434,12 @@ def test_the_default_kv_cache_fits_a_model_trained_on_a_short_context(tmp_path):
     the model's training context where that is smaller (here 256 tokens: 512, and 768 for 2 rows)."""
     model = write_tiny_llama(tmp_path / "short.gguf", context=256)
     for n_seq, want in ((1, 512), (2, 768)):
-        llm = T.LlamaTeacher(T.TeacherSettings(model=str(model), n_seq=n_seq))
+        llm = T.LlamaTeacher(T.TeacherSettings(model=str(model), n_seq=n_seq)).load()
         try:
             assert llm.n_ctx == want and T.TeacherSettings().n_ctx is None
         finally:
             llm.close()
-    llm = T.LlamaTeacher(T.TeacherSettings(model=str(write_tiny_llama(tmp_path / "long.gguf", context=8192))))
+    llm = T.LlamaTeacher(T.TeacherSettings(model=str(write_tiny_llama(tmp_path / "long.gguf", context=8192)))).load()
     assert llm.n_ctx == 4096
     llm.close()
 
@@ -2458,7 +2472,7 @@ def test_official_export_import_of_a_teacher_run(tiny_model, tmp_path):
 @needs_llm
 def test_smollm2_teacher_on_a_handful_of_rows(tmp_path):
     try:
-        model = T.default_model()
+        model = LL.default_model()
     except C.TeacherError as e:
         pytest.skip(str(e))
     ds = tiny_dataset(n_items=12, rows=(6, 3, 3))
@@ -2528,7 +2542,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(tiny_model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # bfloat16: the 7B-on-a-GPU setting
 def test_torch_llama_close_to_llama_cpp_on_smollm2(dtype):
     try:
-        model = T.default_model()
+        model = LL.default_model()
     except C.TeacherError as e:
         pytest.skip(str(e))
     cfg, w = FT.read_gguf(model, dtype)
@@ -2619,7 +2633,7 @@ def test_finetune_command_writes_the_adapter_reproduce_picks_up(tiny_model, tmp_
     made = json.loads(out.with_suffix(".json").read_text())
     assert made["fingerprint"] == ds.fingerprint and made["titles_only"] and len(made["losses"]) == 2
     monkeypatch.setattr(T, "DEFAULT_ADAPTER", out)
-    assert T.default_adapter(parse(["reproduce"]), ds) == (str(out), True)
+    assert adapter_of([], ds) == (str(out), True)
 
 
 # ============================================================================ the teacher on serving engines (serve.py)
@@ -2751,19 +2765,19 @@ def test_served_answers_are_cut_by_the_in_process_rule():
 def test_a_fake_vllm_engine_serves_the_teacher_and_two_give_the_same_cache(tmp_path):
     ds = tiny_dataset()
     with fake_engine() as (g1, _), fake_engine() as (e1, _), fake_engine() as (g2, _), fake_engine() as (e2, _):
-        one = T.run_teacher(ds, tmp_path / "one", st := served_settings(g1, e1), served=T.open_served(st))
+        one = T.run_teacher(ds, tmp_path / "one", st := served_settings(g1, e1), engine=open_engine(st))
         two = T.run_teacher(ds, tmp_path / "two", st := served_settings(f"{g1},{g2}", f"{e1},{e2}"),
-                            served=T.open_served(st))
+                            engine=open_engine(st))
         ident = json.loads((tmp_path / "one" / "work" / "identity.json").read_text())
     assert C.checksum(one) == C.checksum(two)
     assert ident["engine"]["generation"] == {"kind": "vllm", "version": "0.11.0", "model": "bigrec-7b",
                                              "max_model_len": 4096}
     assert ident["model"] == {"served": "bigrec-7b"} and ident["llama_cpp"] is None
     t = one.splits["train"]
-    prefix, suffix = T.prompt_template(ds.domain)
+    prefix, suffix = PR.prompt_template(ds.domain)
     for k in (0, 7, 99):               # the answer the fake model gives to the prefix's and the row's tokens
         r = t.rows[k]
-        rest = T.history_text([ds.titles[j] for j in ds.train.hist[r, :ds.train.lens[r]]]) + suffix
+        rest = PR.history_text([ds.titles[j] for j in ds.train.hist[r, :ds.train.lens[r]]]) + suffix
         ids = [1] + list(prefix.encode()) + list(rest.encode())
         assert t.text[k] == f'"item {sum(ids) % 7}"'
     z = [[float(sum([1] + list(f"item {i % 7}".encode())) % 11 + k) for k in range(6)] for i in range(7)]
@@ -2778,7 +2792,7 @@ def test_a_served_teacher_refuses_garbage_before_writing(tmp_path, how, message)
     with fake_engine() as (g, _), fake_engine(answer, html_on="/v1/embeddings" if how == "html" else None) as (e, _):
         st = served_settings(g, e)
         with pytest.raises(C.TeacherError, match=re.escape(e) + ".*" + message):
-            T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st))
+            T.run_teacher(ds, tmp_path / "c", st, engine=open_engine(st))
     assert not list((tmp_path / "c").glob("work/*.npz"))
 
 
@@ -2786,36 +2800,38 @@ def test_a_server_that_dies_mid_run_loses_nothing(tmp_path):
     ds = tiny_dataset()
     with fake_engine() as (g, _), fake_engine() as (e, _):
         st = served_settings(g, e)
-        whole = T.run_teacher(ds, tmp_path / "whole", st, served=T.open_served(st))
+        whole = T.run_teacher(ds, tmp_path / "whole", st, engine=open_engine(st))
     with fake_engine() as (g, _), fake_engine(fail_after=12) as (e, served):
         st = served_settings(g, e)
-        with pytest.raises(C.TeacherError, match=re.escape(e) + r"/v1/embeddings: HTTP 500: engine died"):
-            T.run_teacher(ds, tmp_path / "c", st, served=SV.ServedTeacher(st, [g], [e], retries=2))
+        with pytest.raises(C.TeacherError, match=re.escape(e) + r"/v1/embeddings: HTTP 500: engine died \((\d+) chunks "
+                                                 r"of this run are kept: the same command resumes\)") as died:
+            T.run_teacher(ds, tmp_path / "c", st, engine=SV.ServedTeacher(st, [g], [e], retries=2))
     kept = sorted(p.name for p in (tmp_path / "c" / "work").glob("*.npz"))
-    assert 0 < len(kept) < len(T.work_plan(ds, st))
+    assert 0 < len(kept) < len(T.work_plan(ds, st)) and f"({len(kept)} chunks" in str(died.value)
     with fake_engine() as (g, _), fake_engine() as (e, _):          # resumed on other servers of the same engine
         st = served_settings(g, e)
-        resumed = T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st))
+        resumed = T.run_teacher(ds, tmp_path / "c", st, engine=open_engine(st))
     assert C.checksum(resumed) == C.checksum(whole)
 
 
 def test_a_served_teacher_refuses_what_it_cannot_serve(tmp_path, tiny_model):
     ds = tiny_dataset()
     with pytest.raises(UserError, match="--server and --embed-server go together"):
-        T.open_served(served_settings("http://127.0.0.1:9", None))
+        open_engine(served_settings("http://127.0.0.1:9", None))
     with pytest.raises(UserError, match="--lora with --server"):
-        T.open_served(served_settings("http://127.0.0.1:9", "http://127.0.0.1:9", lora=str(tiny_model)))
+        open_engine(served_settings("http://127.0.0.1:9", "http://127.0.0.1:9", lora=str(tiny_model)))
     with fake_engine(lambda path, body: None) as (g, _):
         with pytest.raises(C.TeacherError, match="neither llama-server .* nor vLLM"):
             SV.probe(g)
     with fake_engine() as (g, _), fake_engine() as (e, _):
         st = served_settings(g, e)
-        T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st), stop_after=1)
+        T.run_teacher(ds, tmp_path / "c", st, engine=open_engine(st), stop_after=1)
         other = lambda path, body: {"version": "0.12.0"} if path == "/version" else fake_vllm_answer(path, body)
         with fake_engine(other) as (g2, _):
             st = served_settings(g2, e)
-            with pytest.raises(C.TeacherError, match=r"identity.json: this teacher work was made with another engine"):
-                T.run_teacher(ds, tmp_path / "c", st, served=T.open_served(st))
+            with pytest.raises(C.TeacherError, match=r"identity.json: this teacher work was made with another engine "
+                                                     r"\(generation.version: 0.11.0 there, 0.12.0 now\); use another"):
+                T.run_teacher(ds, tmp_path / "c", st, engine=open_engine(st))
 
 
 @contextlib.contextmanager
@@ -2855,7 +2871,7 @@ def test_llama_server_gives_the_in_process_answers_and_embeddings(tmp_path, tiny
     local = T.run_teacher(ds, tmp_path / "local", tiny_settings(tiny_model, n_seq=1, **rows))
     with llama_server(tiny_model) as g, llama_server(tiny_model, embeddings=True) as e:
         st = served_settings(g, e, **rows)
-        remote = T.run_teacher(ds, tmp_path / "served", st, served=T.open_served(st))
+        remote = T.run_teacher(ds, tmp_path / "served", st, engine=open_engine(st))
         ident = json.loads((tmp_path / "served" / "work" / "identity.json").read_text())
     gen = ident["engine"]["generation"]
     assert (gen["kind"], gen["model"], gen["slots"], gen["cache_prompt"]) == ("llama-server", "tiny.gguf", 1, False)
@@ -2870,12 +2886,12 @@ def test_llama_server_gives_the_in_process_answers_and_embeddings(tmp_path, tiny
     # a row may differ only where greedy decoding meets a near tie, which llama.cpp's batch shape
     # breaks either way (the prompt decoded whole on the server, prefix and row apart in process)
     assert sum(map(len, differ.values())) <= 2, differ
-    prefix, suffix = T.prompt_template(ds.domain)
+    prefix, suffix = PR.prompt_template(ds.domain)
     from llm import LlamaTeacher
     from llama_cpp import Llama
     here, ref = LlamaTeacher(tiny_settings(tiny_model, n_seq=1, max_new_tokens=12)), None
     with llama_server(tiny_model) as g, llama_server(tiny_model, embeddings=True) as e:
-        there = T.open_served(served_settings(g, e, max_new_tokens=12))
+        there = open_engine(served_settings(g, e, max_new_tokens=12))
         for split, rows in differ.items():
             for r in rows:
                 rest = T.row_prompts(ds, (prefix, suffix), [(split, 0, [r])])
@@ -2899,11 +2915,11 @@ def test_two_llama_servers_give_the_cache_of_one_and_other_slots_are_refused(tmp
     rows = dict(top_n=15, train_rows=64, eval_rows=8, max_new_tokens=12)
     with llama_server(tiny_model) as g1, llama_server(tiny_model, embeddings=True) as e1, \
             llama_server(tiny_model) as g2, llama_server(tiny_model, embeddings=True) as e2:
-        one = T.run_teacher(ds, tmp_path / "one", st := served_settings(g1, e1, **rows), served=T.open_served(st))
+        one = T.run_teacher(ds, tmp_path / "one", st := served_settings(g1, e1, **rows), engine=open_engine(st))
         two = T.run_teacher(ds, tmp_path / "two", st := served_settings(f"{g1},{g2}", f"{e1},{e2}", **rows),
-                            served=T.open_served(st))
+                            engine=open_engine(st))
         assert C.checksum(one) == C.checksum(two)
         with llama_server(tiny_model, slots=2) as g4:
             st = served_settings(g4, e1, **rows)
             with pytest.raises(C.TeacherError, match="made with another engine"):
-                T.run_teacher(ds, tmp_path / "one", st, served=T.open_served(st))
+                T.run_teacher(ds, tmp_path / "one", st, engine=open_engine(st))
