@@ -53,6 +53,11 @@ class Endpoint:
     settings: dict             # what moves the outputs besides the model (recorded in the cache identity)
     n_embd: int | None = None  # the model's hidden size where the engine says it (llama-server)
 
+    @property
+    def api(self):
+        """The class of its kind (KINDS): its paths, request bodies and answers."""
+        return KINDS[self.kind]
+
     def identity(self) -> dict:
         return {"kind": self.kind, "version": self.version, "model": self.model, **self.settings}
 
@@ -96,15 +101,27 @@ def error_message(raw: bytes) -> str:
         return raw[:60].decode("utf-8", errors="replace").replace("\n", " ")
 
 
-def probe(url: str, retries: int = RETRIES) -> Endpoint:
-    """Which engine answers at url, its version, model, slots and the settings that move its outputs."""
+def get_or_none(url: str, path: str, retries: int):
+    """A GET's answer, or None where the path is not served (HTTP 404): another kind of engine."""
     try:
-        props = call(url, "/props", retries=retries)
+        return call(url, path, retries=retries)
     except TeacherError as e:
         if "HTTP 404" not in str(e):
             raise
-        props = None
-    if isinstance(props, dict) and "build_info" in props:
+        return None
+
+
+# ============================================================================ one class per kind of engine
+class LlamaServer:
+    """llama.cpp's llama-server: its own /completion, /tokenize and /detokenize; its control tokens
+    come back rendered ("<s>")."""
+    name = "llama-server"
+    renders_control_tokens = True
+
+    def probe(self, url: str, retries: int) -> Endpoint | None:
+        props = get_or_none(url, "/props", retries)
+        if not (isinstance(props, dict) and "build_info" in props):
+            return None
         model = str(props.get("model_path", "")).replace("\\", "/").rsplit("/", 1)[-1]
         loras = call(url, "/lora-adapters", retries=retries)
         models = call(url, "/v1/models", retries=retries)
@@ -112,29 +129,91 @@ def probe(url: str, retries: int = RETRIES) -> Endpoint:
             n_embd = int(models["data"][0]["meta"]["n_embd"])
         except (KeyError, IndexError, TypeError, ValueError):
             n_embd = None
-        return Endpoint(url, "llama-server", str(props["build_info"]), model, int(props.get("total_slots", 1)),
-                        {"slots": int(props.get("total_slots", 1)), "cache_prompt": False,
+        slots = int(props.get("total_slots", 1))
+        return Endpoint(url, self.name, str(props["build_info"]), model, slots,
+                        {"slots": slots, "cache_prompt": False,
                          "lora": [{"file": str(a.get("path", "")).rsplit("/", 1)[-1], "scale": a.get("scale")}
                                   for a in loras] if isinstance(loras, list) else None}, n_embd)
-    try:
-        version, models = call(url, "/version", retries=retries), call(url, "/v1/models", retries=retries)
-    except TeacherError as e:
-        if "HTTP 404" not in str(e):
-            raise
-        version = models = None
-    if not (isinstance(version, dict) and "version" in version and isinstance(models, dict) and models.get("data")):
-        raise TeacherError(f"{url}: neither llama-server (/props) nor vLLM (/version, /v1/models) answers there")
-    return Endpoint(url, "vllm", str(version["version"]), str(models["data"][0]["id"]), VLLM_SLOTS,
-                    {"max_model_len": models["data"][0].get("max_model_len")})
 
-
-# ============================================================================ the engines' shapes
-def tokenize_request(e: Endpoint, text: str, bos: bool, special: bool) -> tuple[str, dict]:
-    if e.kind == "llama-server":
+    def tokenize(self, model: str, text: str, bos: bool, special: bool) -> tuple[str, dict]:
         return "/tokenize", {"content": text, "add_special": bos, "parse_special": special}
-    return "/tokenize", {"model": e.model, "prompt": text, "add_special_tokens": bos}
+
+    def completion(self, model: str, ids: list[int], max_tokens: int) -> tuple[str, dict]:
+        return "/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": 0, "top_k": 1,
+                               "repeat_penalty": 1.0, "dry_multiplier": 0.0, "stop": ["\n"], "cache_prompt": False,
+                               "return_tokens": True, "stream": False}
+
+    def generated(self, answer) -> tuple[list[int], bool]:
+        """(the token ids of "tokens", whether generation ended at an end-of-generation token)."""
+        return [int(t) for t in answer["tokens"]], answer.get("stop_type") == "eos"
+
+    def detokenize(self, model: str, ids: list[int]) -> tuple[str, dict]:
+        return "/detokenize", {"tokens": ids}
+
+    def text(self, answer) -> str | None:
+        return answer.get("content")
+
+    def embedding(self, model: str, ids: list[list[int]]) -> tuple[str, dict]:
+        return "/v1/embeddings", {"input": ids, "embd_normalize": -1, "encoding_format": "float"}
+
+    def chat_template(self, url: str, retries: int) -> str | None:
+        return call(url, "/props", retries=retries).get("chat_template")
 
 
+class VLLM:
+    """vLLM's OpenAI-compatible server: /v1/completions with the generated ids as logprobs tokens
+    "token_id:N", /tokenize and /detokenize naming the model; embeddings from a pooling runner."""
+    name = "vllm"
+    renders_control_tokens = False
+
+    def probe(self, url: str, retries: int) -> Endpoint | None:
+        version, models = get_or_none(url, "/version", retries), get_or_none(url, "/v1/models", retries)
+        if not (isinstance(version, dict) and "version" in version and isinstance(models, dict) and models.get("data")):
+            return None
+        return Endpoint(url, self.name, str(version["version"]), str(models["data"][0]["id"]), VLLM_SLOTS,
+                        {"max_model_len": models["data"][0].get("max_model_len")})
+
+    def tokenize(self, model: str, text: str, bos: bool, special: bool) -> tuple[str, dict]:
+        return "/tokenize", {"model": model, "prompt": text, "add_special_tokens": bos}
+
+    def completion(self, model: str, ids: list[int], max_tokens: int) -> tuple[str, dict]:
+        return "/v1/completions", {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
+                                   "stop": ["\n"], "repetition_penalty": 1.0, "logprobs": 0,
+                                   "return_tokens_as_token_ids": True, "stream": False}
+
+    def generated(self, answer) -> tuple[list[int], bool]:
+        choice = answer["choices"][0]
+        ids = [int(str(t).rsplit(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
+        return ids, choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None
+
+    def detokenize(self, model: str, ids: list[int]) -> tuple[str, dict]:
+        return "/detokenize", {"model": model, "tokens": ids}
+
+    def text(self, answer) -> str | None:
+        return answer.get("prompt")
+
+    def embedding(self, model: str, ids: list[list[int]]) -> tuple[str, dict]:
+        # "do not normalise" in both spellings: "normalize" up to v0.11, "use_activation" after
+        return "/v1/embeddings", {"model": model, "input": ids, "encoding_format": "float",
+                                  "normalize": False, "use_activation": False}
+
+    def chat_template(self, url: str, retries: int) -> str | None:
+        return None                     # vLLM does not serve it
+
+
+KINDS = {k.name: k for k in (LlamaServer(), VLLM())}     # a new engine: its class, and one entry here
+
+
+def probe(url: str, retries: int = RETRIES) -> Endpoint:
+    """Which engine answers at url, its version, model, slots and the settings that move its outputs."""
+    for kind in KINDS.values():
+        found = kind.probe(url, retries)
+        if found is not None:
+            return found
+    raise TeacherError(f"{url}: neither llama-server (/props) nor vLLM (/version, /v1/models) answers there")
+
+
+# ============================================================================ answers, checked
 def tokens_of(e: Endpoint, answer) -> list[int]:
     toks = answer.get("tokens") if isinstance(answer, dict) else None
     if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
@@ -142,43 +221,21 @@ def tokens_of(e: Endpoint, answer) -> list[int]:
     return toks
 
 
-def completion_request(e: Endpoint, ids: list[int], max_tokens: int) -> tuple[str, dict]:
-    """Greedy, at most max_tokens, stop at a newline, no repetition penalty, the generated token ids back."""
-    if e.kind == "llama-server":
-        return "/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": 0, "top_k": 1,
-                               "repeat_penalty": 1.0, "dry_multiplier": 0.0, "stop": ["\n"], "cache_prompt": False,
-                               "return_tokens": True, "stream": False}
-    return "/v1/completions", {"model": e.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
-                               "stop": ["\n"], "repetition_penalty": 1.0, "logprobs": 0,
-                               "return_tokens_as_token_ids": True, "stream": False}
-
-
 def generated_ids(e: Endpoint, answer) -> list[int]:
     """The generated token ids, in order, an end-of-generation token left out (the in-process
-    path never appends it): llama-server's "tokens"; vLLM's logprobs.tokens as "token_id:N"."""
+    path never appends it)."""
     try:
-        if e.kind == "llama-server":
-            ids, eos = [int(t) for t in answer["tokens"]], answer.get("stop_type") == "eos"
-        else:
-            choice = answer["choices"][0]
-            ids = [int(str(t).rsplit(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
-            eos = choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None
-    except (KeyError, IndexError, TypeError, ValueError):
+        ids, eos = e.api.generated(answer)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise TeacherError(f"{e.url}: a completion answer without its generated token ids "
                            f"(keys {sorted(answer)[:6] if isinstance(answer, dict) else type(answer).__name__})") from None
     return ids[:-1] if eos and ids else ids
 
 
-def detokenize_request(e: Endpoint, ids: list[int]) -> tuple[str, dict]:
-    if e.kind == "llama-server":
-        return "/detokenize", {"tokens": ids}
-    return "/detokenize", {"model": e.model, "tokens": ids}
-
-
 def text_of(e: Endpoint, answer) -> str:
     """A detokenize answer's text, its replacement characters dropped: the engines replace bytes
     that are not UTF-8 by U+FFFD, the in-process path decodes with errors="ignore"."""
-    text = answer.get("content" if e.kind == "llama-server" else "prompt") if isinstance(answer, dict) else None
+    text = e.api.text(answer) if isinstance(answer, dict) else None
     if not isinstance(text, str):
         raise TeacherError(f"{e.url}/detokenize: answered without a text")
     return text.replace("\ufffd", "")
@@ -193,13 +250,6 @@ def cut_at(pieces: list[str], max_tokens: int) -> int:
         if "\n" in piece or quotes >= 2:
             return k + 1
     return min(len(pieces), max_tokens)
-
-
-def embedding_request(e: Endpoint, ids: list[list[int]]) -> tuple[str, dict]:
-    if e.kind == "llama-server":
-        return "/v1/embeddings", {"input": ids, "embd_normalize": -1, "encoding_format": "float"}
-    return "/v1/embeddings", {"model": e.model, "input": ids, "encoding_format": "float",
-                              "normalize": False, "use_activation": False}
 
 
 def vectors_of(e: Endpoint, answer, n: int, d: int | None) -> list[list[float]]:
@@ -253,7 +303,7 @@ class ServedTeacher:
 
     def served_template(self) -> str:
         e = self.gen[0]
-        template = call(e.url, "/props", retries=self.retries).get("chat_template") if e.kind == "llama-server" else None
+        template = e.api.chat_template(e.url, self.retries)
         if not template:
             raise TeacherError(f"{e.url}: --chat needs the served model's chat template (llama-server's /props)")
         return template
@@ -268,7 +318,7 @@ class ServedTeacher:
 
     def tokenize_all(self, texts: list[str], bos: bool) -> list[list[int]]:
         group = self.gen or self.emb
-        reqs = [tokenize_request(group[i % len(group)], t, bos, self.special) for i, t in enumerate(texts)]
+        reqs = [(e := group[i % len(group)]).api.tokenize(e.model, t, bos, self.special) for i, t in enumerate(texts)]
         return self._map(group, reqs, lambda i, e, a: tokens_of(e, a))
 
     def constrain_to(self, titles) -> None:
@@ -285,12 +335,13 @@ class ServedTeacher:
     def generate(self, rests: list[str]) -> list[str]:
         """Greedy answers to prefix + rest: the engine's tokens, cut by the in-process rule, as text."""
         ids = [self.prefix_ids + t for t in self.tokenize_all(rests, bos=False)]
-        reqs = [completion_request(self.gen[i % len(self.gen)], x, self.max_new_tokens) for i, x in enumerate(ids)]
+        reqs = [(e := self.gen[i % len(self.gen)]).api.completion(e.model, x, self.max_new_tokens)
+                for i, x in enumerate(ids)]
         out = self._map(self.gen, reqs, lambda i, e, a: generated_ids(e, a))
         self.learn_pieces({t for o in out for t in o})
         self.generated_ids = [o[:cut_at([self.pieces[t] for t in o], self.max_new_tokens)] for o in out]
         kept = [[t for t in k if t not in self.control] for k in self.generated_ids]
-        reqs = [detokenize_request(self.gen[i % len(self.gen)], k) for i, k in enumerate(kept)]
+        reqs = [(e := self.gen[i % len(self.gen)]).api.detokenize(e.model, k) for i, k in enumerate(kept)]
         texts = self._map(self.gen, reqs, lambda i, e, a: text_of(e, a))
         self.stats["prompt_tokens"] += sum(len(x) - self.prefix_len for x in ids)
         self.stats["generated_tokens"] += sum(map(len, out))
@@ -303,10 +354,10 @@ class ServedTeacher:
         special tokens are parsed. vLLM's /detokenize is taken as it renders them."""
         new = sorted(ids - set(self.pieces))
         group = self.gen
-        reqs = [detokenize_request(group[i % len(group)], [t]) for i, t in enumerate(new)]
+        reqs = [(e := group[i % len(group)]).api.detokenize(e.model, [t]) for i, t in enumerate(new)]
         texts = self._map(group, reqs, lambda i, e, a: text_of(e, a))
-        if group[0].kind == "llama-server":
-            back = lambda special: self._map(group, [tokenize_request(group[i % len(group)], t, False, special)
+        if group[0].api.renders_control_tokens:
+            back = lambda special: self._map(group, [(e := group[i % len(group)]).api.tokenize(e.model, t, False, special)
                                                      for i, t in enumerate(texts)], lambda i, e, a: tokens_of(e, a))
             parsed, plain = back(True), back(False)
             texts = ["" if p == [t] and q != [t] else x for t, x, p, q in zip(new, texts, parsed, plain)]
@@ -318,7 +369,7 @@ class ServedTeacher:
         import numpy as np
         toks = self.tokenize_all([t or " " for t in texts], bos=True)
         groups = [toks[a:a + per_request] for a in range(0, len(toks), per_request)]
-        reqs = [embedding_request(self.emb[i % len(self.emb)], g) for i, g in enumerate(groups)]
+        reqs = [(e := self.emb[i % len(self.emb)]).api.embedding(e.model, g) for i, g in enumerate(groups)]
         parts = self._map(self.emb, reqs, lambda i, e, a: vectors_of(e, a, len(groups[i]), self.d))
         lengths = sorted({len(v) for part in parts for v in part})
         if len(lengths) > 1:

@@ -2751,15 +2751,16 @@ def test_served_answers_are_cut_by_the_in_process_rule():
     assert SV.generated_ids(e, {"tokens": [5, 6, 2], "stop_type": "eos"}) == [5, 6]     # the EOS is not text
     assert SV.generated_ids(e, {"tokens": [5, 6, 2], "stop_type": "limit"}) == [5, 6, 2]
     assert SV.text_of(e, {"content": '\ufffd\x16"A"'}) == '\x16"A"'          # errors="ignore", as in process
-    assert SV.completion_request(e, [1, 2], 32)[1]["n_predict"] == 32     # llama-server's default is unbounded
+    assert e.api.completion(e.model, [1, 2], 32)[1]["n_predict"] == 32     # llama-server's default is unbounded
     v = SV.Endpoint("http://y", "vllm", "0.11.0", "bigrec-7b", 32, {})
-    path, body = SV.completion_request(v, [1, 2], 32)
+    path, body = v.api.completion(v.model, [1, 2], 32)
     assert (path, body["max_tokens"], body["temperature"], body["stop"]) == ("/v1/completions", 32, 0, ["\n"])
     eos = {"choices": [{"logprobs": {"tokens": ["token_id:7", "token_id:2"]}, "finish_reason": "stop", "stop_reason": None}]}
     assert SV.generated_ids(v, eos) == [7]
-    assert SV.embedding_request(v, [[1]])[1]["normalize"] is False          # vLLM <= 0.11
-    assert SV.embedding_request(v, [[1]])[1]["use_activation"] is False     # vLLM after
-    assert SV.embedding_request(e, [[1]])[1]["embd_normalize"] == -1
+    assert v.api.embedding(v.model, [[1]])[1]["normalize"] is False          # vLLM <= 0.11
+    assert v.api.embedding(v.model, [[1]])[1]["use_activation"] is False     # vLLM after
+    assert e.api.embedding(e.model, [[1]])[1]["embd_normalize"] == -1
+    assert set(SV.KINDS) == {"llama-server", "vllm"} and v.api.completion("m", [1], 4)[1]["model"] == "m"
 
 
 def test_a_fake_vllm_engine_serves_the_teacher_and_two_give_the_same_cache(tmp_path):
