@@ -23,7 +23,8 @@ import model_teacher
 import runs
 import students
 import teacher as teacher_llm
-from common import Parser, UserError, add_flags, at_the_boundary, between, check_writable, checked, choice_list, from_args, pick_device
+from common import (Parser, UserError, add_flags, at_the_boundary, between, check_writable, checked, choice_list,
+                    from_args, pick_device, preset)
 from dllm2rec import ABLATIONS, Config, check_trainable, popularity_metrics
 from results import format_rows, format_table, summarise
 
@@ -244,7 +245,8 @@ def add_commands(sub, parent) -> dict:
     r.add_argument("--model-teacher-seeds", type=checked(int, between(0, 100)), help=(
         "members of the trained-model teacher whose row the table also prints (0: no such row; default: "
         + ", ".join(f"{v['seeds']} on {k}" for k, v in REPRODUCE["model_teacher"].items()) + ")"))
-    r.set_defaults(train_rows=REPRODUCE["train_rows"], eval_rows=REPRODUCE["eval_rows"], students=None, seeds=None)
+    preset(r, train_rows=REPRODUCE["train_rows"], eval_rows=REPRODUCE["eval_rows"])
+    r.set_defaults(students=None, seeds=None)              # the preset decides, by device
     return {"train": cmd_train, "reproduce": cmd_reproduce}
 
 

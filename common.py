@@ -225,7 +225,7 @@ def preset(parser, **defaults) -> None:
         if action.dest in defaults and action.help and defaults[action.dest] is not None:
             value = defaults[action.dest]
             shown = ",".join(map(str, value)) if isinstance(value, list) else value
-            action.help = re.sub(r" \(default [^)]*\)$", "", action.help) + f" (default {shown})"
+            action.help = re.sub(r" \(default[: ][^)]*\)$", "", action.help) + f" (default {shown})"
 
 
 def from_args(cls, args, **over):

@@ -151,7 +151,7 @@ def read_movielens(folder: str | os.PathLike, name: str | None = None) -> Datase
     id|title|..., latin-1) or ml-1m / ml-10m (ratings.dat user::item::rating::time; movies.dat
     id::title::genres, latin-1 or UTF-8)."""
     folder = Path(folder)
-    layout = "ml-100k" if (folder / "u.data").exists() else "ml-1m/10m"
+    layout = "ml-100k" if name == "ml-100k" or (folder / "u.data").exists() else "ml-1m/10m"   # asked for: its files
     ratings, sep, movies, title_sep, title_fields = MOVIELENS[layout]
     users, items, times = [], [], []
     for ln, line in enumerate(_lines(folder / ratings), 1):

@@ -518,6 +518,8 @@ def fit(ds: data.Dataset, cfg: Config, teacher=None, device="cpu", log=print, su
     }
 
 
+# The one import of the orchestration from the method's file, at run time only: the price of
+# `python dllm2rec.py` (the paper's file) as the entry point; nothing above it reads cli.
 if __name__ == "__main__":      # the single command and every other: the command line is cli.py's
     import cli
     cli.main()

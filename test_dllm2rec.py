@@ -6,6 +6,8 @@ ML-100K comes from $DLLM2REC_ML100K, LLaRA's LastFM from $DLLM2REC_LASTFM (tests
 needs_llm need llama-cpp-python and gguf; the others run without them."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -258,6 +260,10 @@ def test_movielens_100k_reader(tmp_path):
     assert len(ds.train) + len(ds.val) + len(ds.test) == 4   # 2 users x (12 - 10) rows
     assert ds.train.hist[0].tolist() == list(range(10))
     assert ds.train.user.tolist() == [0, 0, 1] and ds.test.user.tolist() == [1]   # users 1, 2 in sorted order
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError, match=r"empty/u.data: file not found"):   # asked for ML-100K: its file named
+        data.load_dataset("ml-100k", str(empty))
 
 
 def test_movielens_dat_reader(tmp_path):
@@ -886,7 +892,8 @@ def test_signed_rank_test_against_a_hand_computation():
 
 
 def test_signed_rank_test_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    stats = pytest.importorskip("scipy.stats", reason="scipy: an optional cross-check of the Wilcoxon test "
+                                                      "(the hand-computed cases beside it need nothing)")
     d = np.random.default_rng(0).choice([-0.5, -0.2, 0.0, 0.0, 0.1, 0.2, 0.3, 1.0], 500)
     ours = R.signed_rank_test(d)
     theirs = stats.wilcoxon(d, zero_method="wilcox", correction=False, method="approx")
@@ -2064,6 +2071,17 @@ def test_reproduce_uses_the_committed_adapter_only_on_its_own_data(tmp_path, mon
         adapter_of(["--zero-shot", "--lora", mine], ds, "teacher")
 
 
+@pytest.mark.parametrize("command", ["teacher", "reproduce", "teacher-bench"])
+def test_every_teacher_option_says_its_default(command):
+    subs = argparse.ArgumentParser().add_subparsers()
+    cli.add_commands(subs, argparse.ArgumentParser(add_help=False))
+    T.add_commands(subs, argparse.ArgumentParser(add_help=False))
+    names = {f.name for f in dataclasses.fields(T.TeacherSettings) if "help" in f.metadata}
+    for action in subs.choices[command]._actions:
+        if action.dest in names and not isinstance(action, argparse._StoreTrueAction):
+            assert "default" in action.help, (command, action.option_strings)
+
+
 def adapter_of(argv: list, ds, command: str = "reproduce") -> tuple:
     """(adapter, titles only) of a command line's teacher settings after the default adapter."""
     args = parse([command, *argv])
@@ -2307,6 +2325,7 @@ def test_reproduce_runs_end_to_end_on_a_tiny_teacher(tiny_model, tmp_path, monke
     assert model["manifest"]["splits"]["train"]["covered"] == len(ds.train) and model["checksum"] in printed
     assert re.search(r"^trained-model teacher \(dros x 1, not an LLM\) +[\d.]+ +[\d.]+$", printed, re.M)
     assert "on the 10 test rows the teacher covered" in printed
+    assert "teacher plan, to do here: 40 of 40 titles, 60 of 60 train rows (300 in all), 10 of 10 val rows" in printed
     assert re.search(r"^teacher +nan +nan$", printed, re.M)
     rows = C.load_teacher(tmp_path / "c", ds).splits["test"].rows
     pop = D.popularity_metrics(ds, data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows]))
