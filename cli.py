@@ -32,7 +32,7 @@ from results import format_rows, format_table, summarise
 # training rows and 128 validation and test rows each; its students and seeds follow the
 # device: on a CPU two students over two seeds (about 20 minutes), on CUDA the full protocol.
 # Beside the LLM's row, a trained-model teacher's (model_teacher.py: stronger than the students, not
-# an LLM): on a CPU one DROS member distilled into the first student (about 10 more minutes), on
+# an LLM): on a CPU one DROS member distilled into the first student (about 11 more minutes, estimated), on
 # CUDA three members into every student.
 REPRODUCE = {"train_rows": 512, "eval_rows": 128,
              "students": {"cpu": ["sasrec", "dros"], "cuda": list(students.STUDENTS)},
@@ -168,7 +168,7 @@ def cmd_reproduce(args, ds) -> dict:
     if mt_students:
         print(f"then a trained-model teacher's row (not an LLM; --model-teacher-seeds 0 leaves it out): "
               f"{' + '.join(model_teacher.MEMBERS)} x {mt_seeds} fitted on the training rows, distilled into "
-              f"{', '.join(mt_students)}" + (" (about 10 more minutes)" if device.type == "cpu" else ""))
+              f"{', '.join(mt_students)}" + (" (about 11 more minutes, estimated)" if device.type == "cpu" else ""))
     st = teacher_llm.with_default_adapter(from_args(teacher_llm.TeacherSettings, args), ds, args.zero_shot)
     teacher, teacher_eval, path = teacher_llm.stage(ds, st, args.cache)
     t_teacher = time.perf_counter() - t_start
