@@ -273,6 +273,29 @@ def test_movielens_dat_reader(tmp_path):
     assert ds.titles == ["A (1990)", "Bé (1991)"] and ds.n_items == 2   # "C": too short, dropped (BIGRec)
 
 
+def test_movielens_10m_protocol_samples_rows_in_time_order(tmp_path, monkeypatch):
+    """--sample-rows TRAIN,EVAL: after the time split, fixed-seed samples of the training rows and
+    of the validation and test rows each, in time order; another fingerprint; the same every run."""
+    g = np.random.default_rng(0)
+    lines = [f"{u}::{g.integers(1, 30)}::4::{1000 * u + 7 * k}\n" for u in range(1, 21) for k in range(15)]
+    (tmp_path / "ratings.dat").write_text("".join(lines))
+    (tmp_path / "movies.dat").write_text("".join(f"{i}::Movie {i} (1990)::Drama\n" for i in range(1, 30)))
+    whole = data.read_movielens(tmp_path)
+    assert (len(whole.train), len(whole.val), len(whole.test)) == (80, 10, 10)    # 20 users x (15 - 10) rows
+    few = data.sample_rows(whole, 30, 4)
+    assert (len(few.train), len(few.val), len(few.test)) == (30, 4, 4) and few.fingerprint != whole.fingerprint
+    for part, full in ((few.train, whole.train), (few.test, whole.test)):
+        at = [next(i for i in range(len(full)) if (full.hist[i] == part.hist[k]).all() and full.target[i] == part.target[k]
+                   and full.user[i] == part.user[k]) for k in range(len(part))]
+        assert at == sorted(at) and len(set(at)) == len(at)             # a subset, in the split's time order
+    assert data.sample_rows(whole, 30, 4).fingerprint == few.fingerprint
+    assert data.sample_rows(whole, 500, 500).fingerprint == whole.fingerprint       # more than there is: all
+    args = parse(["train", "--dataset", str(tmp_path), "--sample-rows", "30,4"])
+    assert data.from_args(args).fingerprint == few.fingerprint
+    with pytest.raises(SystemExit, match=r"--sample-rows: '30': expected TRAIN,EVAL"):
+        parse(["train", "--sample-rows", "30"])
+
+
 @pytest.mark.parametrize("year", [2014, 2018])
 def test_amazon_reader(tmp_path, year):
     reviews = [{"reviewerID": u, "asin": a, "unixReviewTime": t, "overall": 5.0}
