@@ -1,4 +1,4 @@
-# Two commands: `make reproduce` (the single command's table) and `make test` (the suite).
+# `make reproduce` (the single command's table), `make test` (the suite), `make gpu-check` (a CUDA machine).
 # Each installs what it needs first; pip skips what is already there.
 PYTHON ?= python
 # WHEELS=folder: a local folder of prebuilt wheels (llama-cpp-python takes ~10 minutes to build otherwise)
@@ -27,7 +27,7 @@ ifneq ($(wildcard $(SERVER)),)
 export DLLM2REC_LLAMA_SERVER ?= $(abspath $(SERVER))
 endif
 
-.PHONY: install reproduce test llama-server
+.PHONY: install reproduce test llama-server gpu-check
 
 install:
 	$(PYTHON) -m pip install -q $(LINKS) -r requirements.txt
@@ -40,6 +40,10 @@ test: install
 	$(PYTHON) -m pytest -q -rs test_dllm2rec.py
 
 llama-server: $(SERVER)
+
+# on a machine with one CUDA GPU: the CUDA tests, the step's speed, the students at full scale, timed
+gpu-check:
+	OUT=$(or $(OUT),gpu-check-out) ./gpu-check.sh
 
 $(SERVER):
 	mkdir -p .build
