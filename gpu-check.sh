@@ -19,8 +19,8 @@ stage() {   # name, seconds allowed, then the command: its log in $OUT/name.log,
   local rc=$?
   printf '%-14s %5d s  exit %s\n' "$name" "$((SECONDS - t0))" "$rc" | tee -a "$OUT/timings.txt"
 }
-stage cuda-tests 120 python -m pytest -q -rs test_dllm2rec.py -k "cuda or captured"
-stage bench 90 python -m research bench --device cuda --students sasrec,dros --out "$OUT/bench.json"
+stage cuda-tests 90 python -m pytest -q -rs test_dllm2rec.py -k "cuda or captured"
+stage bench 60 python -m research bench --device cuda --students sasrec,dros --out "$OUT/bench.json"
 stage model-teacher 120 python -m research model-teacher --dataset ml-100k --device cuda --out "$OUT/model-teacher"
-stage students 240 python dllm2rec.py train --dataset ml-100k --device cuda --teacher "$OUT/model-teacher" \
+stage students 300 python dllm2rec.py train --dataset ml-100k --device cuda --teacher "$OUT/model-teacher" \
   --students gru4rec,sasrec,cl4srec,dros,caser --seeds 3 --epochs 300 --out "$OUT/students.json"
