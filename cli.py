@@ -13,18 +13,20 @@ import math
 import sys
 import time
 from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 
 import cache
 import data
 import finetune
+import llm
 import model_teacher
 import runs
 import students
 import teacher as teacher_llm
-from common import (Parser, UserError, add_flags, at_the_boundary, between, check_writable, checked, choice_list,
-                    from_args, pick_device, preset)
+from common import (Parser, UserError, add_flags, at_the_boundary, between, cache_home, check_writable, checked,
+                    choice_list, from_args, pick_device)
 from dllm2rec import ABLATIONS, Config, check_trainable, popularity_metrics
 from results import format_rows, format_table, summarise
 
@@ -38,6 +40,13 @@ REPRODUCE = {"train_rows": 512, "eval_rows": 128,
              "students": {"cpu": ["sasrec", "dros"], "cuda": list(students.STUDENTS)},
              "seeds": {"cpu": 2, "cuda": 3},
              "model_teacher": {"cpu": {"seeds": 1, "students": 1}, "cuda": {"seeds": 3, "students": None}}}
+# The full preset (--full; the default on CUDA): the paper's protocol. The teacher's LoRA fine-tuned
+# on every training row (BIGRec tuned on a few-shot sample; here all, as a full protocol asks), the
+# teacher on every row, free greedy decoding as BIGRec's, in process (on CUDA 16 rows decoded
+# together: the serving path's slots do the same batching behind HTTP), then all five students over
+# three seeds with lam chosen on validation; each stage resumes after an interruption.
+FULL = {"teacher_seqs": {"cpu": 1, "cuda": 16}, "students": list(students.STUDENTS), "seeds": 3,
+        "lams": (0.1, 0.3, 0.7, 1.0), "default": {"cpu": False, "cuda": True}}
 MODEL_ROW = "dllm2rec, trained-model teacher"
 
 
@@ -157,33 +166,44 @@ def cmd_reproduce(args, ds) -> dict:
     trained to convergence over seeds; one table beside the popularity floor and the teacher."""
     t_start = time.perf_counter()
     device = pick_device(args.device)
-    preset = {k: getattr(args, k) or REPRODUCE[k][device.type] for k in ("students", "seeds")}
-    p = plan(args, ds, args.top_n, **preset)
+    full = FULL["default"][device.type] if args.preset is None else args.preset == "full"
+    if full:
+        p = plan(args, ds, args.top_n, students=args.students or FULL["students"], seeds=args.seeds or FULL["seeds"],
+                 lams=tuple(dict.fromkeys(args.lams)) or FULL["lams"])
+    else:
+        p = plan(args, ds, args.top_n, **{k: getattr(args, k) or REPRODUCE[k][device.type] for k in ("students", "seeds")})
     mt = REPRODUCE["model_teacher"][device.type]
     mt_seeds = mt["seeds"] if args.model_teacher_seeds is None else args.model_teacher_seeds
     mt_students = p.students[:mt["students"]] if mt_seeds else []
-    if device.type == "cpu" and (args.students is None or args.seeds is None):
+    if device.type == "cpu" and not full and (args.students is None or args.seeds is None):
         print(f"on CPU the single command trains {', '.join(p.students)} over {p.seeds} seeds to fit about 20 "
               f"minutes; the full protocol runs on CUDA, or here with --students {','.join(students.STUDENTS)} --seeds 3")
     if mt_students:
         print(f"then a trained-model teacher's row (not an LLM; --model-teacher-seeds 0 leaves it out): "
               f"{' + '.join(model_teacher.MEMBERS)} x {mt_seeds} fitted on the training rows, distilled into "
               f"{', '.join(mt_students)}" + (" (about 11 more minutes, estimated)" if device.type == "cpu" else ""))
-    st = teacher_llm.with_default_adapter(from_args(teacher_llm.TeacherSettings, args), ds, args.zero_shot)
+    st = from_args(teacher_llm.TeacherSettings, args)
+    if full:
+        st = full_teacher(ds, st, args, p, device)
+    else:
+        st = teacher_llm.with_default_adapter(replace(st, train_rows=st.train_rows or REPRODUCE["train_rows"],
+                                                      eval_rows=st.eval_rows or REPRODUCE["eval_rows"]), ds, args.zero_shot)
     teacher, teacher_eval, path = teacher_llm.stage(ds, st, args.cache)
     t_teacher = time.perf_counter() - t_start
     print(f"students: {', '.join(p.students)}, {p.seeds} seed(s), until validation NDCG@20 has not improved "
           f"for {p.cfg.patience} epochs (at most {p.cfg.epochs}), on {device}")
     rows = teacher.splits["test"].rows      # the test rows the teacher covered: students beside it
     subsets = {"teacher_test_rows": data.Split(ds.test.hist[rows], ds.test.lens[rows], ds.test.target[rows])}
-    trained = runs.train(p, ds, teacher, [{}, {"distilled": True}], subsets)
+    keep = cache_home() / "runs" / f"{ds.name}-{ds.fingerprint}-full.json" if full else None   # resumable
+    trained = runs.train(p, ds, teacher, [{}, {"distilled": True}], subsets, keep=keep)
     floor, model = {"popularity (training targets)": popularity_metrics(ds, ds.test)}, None
     if mt_students:
         model = model_teacher.in_cache_home(ds, p.cfg, mt_seeds, device)
         floor[f"trained-model teacher ({' + '.join(model_teacher.MEMBERS)} x {mt_seeds}, not an LLM)"] = \
             model.manifest["teacher"]["metrics"]["test"]
         trained += runs.train(replace(p, students=mt_students), ds, model,
-                              [{"distilled": True, "label": MODEL_ROW}], subsets)
+                              [{"distilled": True, "label": MODEL_ROW}], subsets, keep=keep)
+    trained = runs.choose_lam(trained, p.lams)
     summary = summarise(trained, users=ds.test.user)
     covered, checksum = len(teacher.splits["train"].rows), cache.checksum(teacher)
     print(f"\n{ds.name}, all {len(ds.test)} test rows; the teacher covers {covered} of {len(ds.train)} training rows "
@@ -201,6 +221,38 @@ def cmd_reproduce(args, ds) -> dict:
                                                        "checksum": cache.checksum(model)})
     print(f"total {time.perf_counter() - t_start:.0f} s (teacher stage {t_teacher:.0f} s)")
     return {"summary": summary, "runs": trained, "teacher": teacher_eval}
+
+
+def full_teacher(ds, st, args, p: runs.Plan, device) -> "teacher_llm.TeacherSettings":
+    """The full preset's plan, printed before any work, then its first stage: the teacher's LoRA
+    fine-tuned on the training rows (found in the cache home when done; resumed from its
+    checkpoint when interrupted), unless --lora or --zero-shot. -> the teacher's settings."""
+    n_ft = args.finetune_samples or len(ds.train)
+    tuned = not (args.lora or args.zero_shot or st.server)
+    rows = {"train": st.train_rows or len(ds.train), "eval": st.eval_rows or len(ds.test)}
+    n_runs = len(p.students) * p.seeds * (1 + len(p.lams or (1,)))
+    print(f"FULL PRESET on {device}: (1) fine-tuning "
+          + (f"the teacher's LoRA on {n_ft} of {len(ds.train)} training rows, one epoch" if tuned else "skipped (an adapter "
+             "is given or --zero-shot)")
+          + f"; (2) the teacher on {rows['train']} training rows and {rows['eval']} validation and test rows each, "
+          f"{ds.n_items} titles embedded; (3) {n_runs} student runs ({', '.join(p.students)}; {p.seeds} seed(s); base and "
+          f"DLLM2Rec at lam {', '.join(map(str, p.lams))}, chosen on validation). Each stage prints its own estimate "
+          "from its first steps, chunk or run, and resumes when run again.", flush=True)
+    over = {"train_rows": st.train_rows, "eval_rows": st.eval_rows, "titles_only": st.titles_only,
+            "n_seq": args.n_seq if args.n_seq != 1 else FULL["teacher_seqs"][device.type],
+            "n_gpu_layers": st.n_gpu_layers or (-1 if device.type == "cuda" else 0)}
+    if not tuned:
+        return replace(teacher_llm.with_default_adapter(st, ds, args.zero_shot), **over)
+    model = Path(st.model) if st.model else llm.default_model()
+    out = cache_home() / "adapters" / f"{ds.name}-{ds.fingerprint}-{model.stem}-rows{n_ft}.gguf"
+    if out.with_suffix(".json").exists():
+        print(f"(1) fine-tuning: done before, {out}", flush=True)
+    else:
+        print(f"(1) fine-tuning into {out}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        finetune.finetune(ds, finetune.FinetuneSettings(out=str(out), model=st.model, samples=n_ft, device=str(device),
+                                                        dtype="bfloat16" if device.type == "cuda" else "float32"))
+    return replace(st, lora=str(out), **over)
 
 
 def beside(teacher: cache.TeacherOutputs, teacher_eval: dict, pop: dict, summary: list[dict], runs: list[dict],
@@ -242,11 +294,23 @@ def add_commands(sub, parent) -> dict:
                                                            "DLLM2Rec (the default command)")
     student_flags(r)
     teacher_llm.settings_flags(r)
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--full", dest="preset", action="store_const", const="full", help=(
+        "the paper's protocol: the teacher's LoRA tuned on every training row, the teacher on every row, all five "
+        "students over three seeds with lam chosen on validation (default on CUDA)"))
+    how.add_argument("--quick", dest="preset", action="store_const", const="quick", help=(
+        "the adapter committed for ML-100K, the teacher on 512 training rows (default on a CPU)"))
+    r.add_argument("--finetune-samples", type=checked(int, between(1, 10**9)),
+                   help="--full: training rows the LoRA is tuned on (default: all)")
+    lam_grid_flag(r)
     r.add_argument("--model-teacher-seeds", type=checked(int, between(0, 100)), help=(
         "members of the trained-model teacher whose row the table also prints (0: no such row; default: "
         + ", ".join(f"{v['seeds']} on {k}" for k, v in REPRODUCE["model_teacher"].items()) + ")"))
-    preset(r, train_rows=REPRODUCE["train_rows"], eval_rows=REPRODUCE["eval_rows"])
-    r.set_defaults(students=None, seeds=None)              # the preset decides, by device
+    r.set_defaults(students=None, seeds=None, preset=None)  # the preset decides, by device
+    for action in r._actions:
+        if action.dest in ("train_rows", "eval_rows"):
+            action.help = action.help.replace("(default: all)", "") + (
+                f"(default {REPRODUCE[action.dest]}; --full: all)")
     return {"train": cmd_train, "reproduce": cmd_reproduce}
 
 

@@ -259,7 +259,8 @@ def at_the_boundary(run, verbose: bool):
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted (a teacher run resumes from its last finished chunk when run again)")
+        sys.exit("interrupted (a teacher run resumes from its last finished chunk, fine-tuning from its last epoch, "
+                 "reproduce --full's students after their last whole run, when run again)")
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, ArithmeticError, EOFError, zipfile.BadZipFile,
             csv.Error, pickle.UnpicklingError) as e:
         if verbose:

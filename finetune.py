@@ -318,10 +318,16 @@ def cmd_finetune(args, ds) -> dict:
     if out == model:
         raise UserError(f"--out {fs.out}: is the model it fine-tunes; choose another file name")
     print(f"{ds.summary()}\nLoRA fine-tuning on {fs.samples} training rows, {fs.epochs} epoch(s)")
-    r = train_lora(ds, fs, log=lambda line: print(line, flush=True))
+    return finetune(ds, fs)
+
+
+def finetune(ds, fs: FinetuneSettings, log=lambda line: print(line, flush=True)) -> dict:
+    """train_lora, then the adapter's record beside it (<out>.json: the run, the data's
+    fingerprint, titles_only), which reproduce reads."""
+    r = train_lora(ds, fs, log=log)
     write_json(Path(fs.out).with_suffix(".json"), {**r, "dataset": ds.name, "fingerprint": ds.fingerprint,
                                                     "titles_only": fs.titles_only})
-    print(f"wrote {fs.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
+    log(f"wrote {fs.out} ({r['seconds']:.0f} s; loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f})")
     return r
 
 

@@ -132,20 +132,26 @@ def with_lam_grid(over: dict, cfg: Config, lams: tuple) -> list[dict]:
     return [{**over, "lam": lam} for lam in lams] if lams and acts else [over]
 
 
-def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | None = None, say=print) -> list[dict]:
+def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | None = None, say=print,
+          keep: Path | None = None) -> list[dict]:
     """fit every (student, variant, seed) of the plan, with the elapsed time and an ETA after each
     run (clock: of a command that calls this more than once). variants: a list of Config
     overrides, e.g. {} (the base), {"distilled": True, "ablation": "no_wp"}; an override "label"
     names the variant in the table (default: Config.variant); a dict {student: list} gives each
     student its own; with plan.lams every distilled variant runs at each lam of the grid (choose_lam
     keeps one). A run found in plan.earlier is taken from there; with a shard only the command's
-    runs i, i+n, i+2n ... (0-based) are trained and the others left out. say: where progress goes."""
+    runs i, i+n, i+2n ... (0-based) are trained and the others left out. say: where progress goes.
+    keep: a results file that every trained run is added to as it ends, and that runs are taken
+    from first (a killed command resumes after its last whole run)."""
     per_student = variants if isinstance(variants, dict) else {s: variants for s in plan.students}
     todo = [(student, grid_over, seed) for student in plan.students for over in per_student[student]
             for grid_over in with_lam_grid(over, plan.cfg, plan.lams)
             for seed in range(plan.cfg.seed, plan.cfg.seed + plan.seeds)]
     clock = clock or RunClock(len(todo), plan.shard)
     teacher_checksum = cache.checksum(teacher) if teacher is not None else None
+    kept = json.loads(Path(keep).read_text())["runs"] if keep is not None and Path(keep).exists() else []
+    if kept:
+        plan = replace(plan, earlier={**earlier_runs([str(keep)], ds), **plan.earlier})
     step, runs = captured(plan.device), []
     for student, over, seed in todo:
         over = dict(over)
@@ -169,6 +175,9 @@ def train(plan: Plan, ds, teacher, variants, subsets=None, clock: RunClock | Non
         r = fit(ds, cfg, teacher, plan.device, log=print if plan.verbose else (lambda *_: None), subsets=subsets)
         r["variant"], r["teacher_checksum"] = label, teacher_checksum
         runs.append(r)
+        if keep is not None:
+            kept.append(r)
+            write_json(Path(keep), {"dataset": ds.name, "fingerprint": ds.fingerprint, "runs": kept})
         say(f"  selected epoch {r['selected_epoch']} of {len(r['epochs'])}: test HR@20 {r['test']['HR@20']:.4f} "
             f"NDCG@20 {r['test']['NDCG@20']:.4f} ({r['wall_s']['train']:.0f}s train, "
             f"{r['wall_s']['eval']:.0f}s eval) {clock.tick()}", flush=True)

@@ -2066,7 +2066,8 @@ def test_each_command_keeps_its_own_defaults():
     must not leak into another's through shared option groups."""
     get = lambda *argv: parse(list(argv))
     assert (get("teacher").train_rows, get("teacher").eval_rows) == (None, None)
-    assert (get("reproduce").train_rows, get("reproduce").eval_rows) == (512, 128)
+    assert (get("reproduce").train_rows, get("reproduce").eval_rows) == (None, None)   # the preset decides:
+    assert (cli.REPRODUCE["train_rows"], cli.REPRODUCE["eval_rows"]) == (512, 128)        # quick, or --full: all
     assert get("train").students == list(S.STUDENTS)
     assert (get("reproduce").students, get("reproduce").seeds) == (None, None)   # the preset decides, by device
     assert (get("reproduce").epochs, get("reproduce").patience) == (D.Config.epochs, D.Config.patience)
@@ -2360,6 +2361,48 @@ def test_reproduce_runs_end_to_end_on_a_tiny_teacher(tiny_model, tmp_path, monke
     assert model["checksum"] in printed
     main([*argv, "--model-teacher-seeds", "0"])
     assert [l["variant"] for l in json.loads((tmp_path / "r.json").read_text())["summary"]] == ["base", "dllm2rec"]
+
+
+@needs_llm
+def test_full_preset_runs_every_stage_resumes_each_and_reuses_everything(tiny_model, tmp_path, monkeypatch, capsys):
+    """reproduce --full on a tiny model and data: its plan first, then the LoRA tuned (here on 8
+    rows), the teacher on every row, the students over a lam grid. A student run killed midway
+    resumes from the kept runs to the same table; a second run reuses every stage."""
+    ds = tiny_dataset()
+    ds.domain = "movies"
+    monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
+    argv = ["reproduce", "--full", "--model", str(tiny_model), "--n-ctx", "1024", "--max-new-tokens", "8",
+            "--top-n", "12", "--finetune-samples", "8", "--students", "sasrec", "--seeds", "1", "--lams", "0.3", "1",
+            "--epochs", "2", "--batch-size", "64", "--model-teacher-seeds", "0"]
+    results = {}
+    for home in ("whole", "killed"):
+        monkeypatch.setenv("DLLM2REC_CACHE", str(tmp_path / home))
+        if home == "killed":                                  # the third student run dies: a rerun resumes
+            real_fit, calls = runs.fit, []
+            def dying(*a, **k):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+                return real_fit(*a, **k)
+            monkeypatch.setattr(runs, "fit", dying)
+            with pytest.raises(SystemExit, match="interrupted"):
+                main([*argv, "--out", str(tmp_path / "dead.json")])
+            monkeypatch.setattr(runs, "fit", real_fit)
+        results[home] = main([*argv, "--out", str(tmp_path / f"{home}.json")])
+    printed = capsys.readouterr().out
+    assert "FULL PRESET on cpu: (1) fine-tuning the teacher's LoRA on 8 of 300 training rows" in printed
+    assert "(2) the teacher on 300 training rows and 40 validation and test rows each" in printed
+    assert "taken from" in printed and list((tmp_path / "killed" / "adapters").glob("*.gguf"))
+    whole, killed = (json.loads((tmp_path / f"{h}.json").read_text()) for h in ("whole", "killed"))
+    assert whole["teacher"]["checksum"] == killed["teacher"]["checksum"]
+    assert whole["teacher"]["covered_train_rows"] == len(ds.train)
+    assert [(l["variant"], l["lam"], l["NDCG@20"]) for l in whole["summary"]] == \
+        [(l["variant"], l["lam"], l["NDCG@20"]) for l in killed["summary"]]
+    assert whole["summary"][1]["lam_grid"] is not None
+    monkeypatch.setattr(runs, "fit", lambda *a, **k: pytest.fail("a student trained again"))
+    monkeypatch.setattr(FT, "train_lora", lambda *a, **k: pytest.fail("the LoRA tuned again"))
+    again = main(argv)                                        # every stage from its cache
+    assert [l["NDCG@20"] for l in again["summary"]] == [l["NDCG@20"] for l in killed["summary"]]
 
 
 @needs_llm
