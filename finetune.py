@@ -231,6 +231,7 @@ class FinetuneSettings:
 
 
 CHECKPOINT_KEYS = {"settings", "epochs", "losses", "seconds", "lora", "opt", "torch_rng", "np_rng"}
+CHECKPOINT_STEPS = 200    # steps between checkpoints within an epoch (a kill loses at most these)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -251,10 +252,11 @@ def read_checkpoint(path: Path) -> dict:
 def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
     """Fine-tune LoRA adapters on attn_q/attn_v with BIGRec's recipe; write the GGUF adapter.
 
-    After every epoch the adapter is written and so is a checkpoint (<out>.ckpt: LoRA weights,
-    optimizer and random states). A run that finds a checkpoint of the same settings goes on
-    from it, so an interrupted run, or one asked for more epochs, ends where one uninterrupted
-    run would (the learning rate is constant)."""
+    After every epoch the adapter is written, and a checkpoint (<out>.ckpt: LoRA weights, optimizer
+    and random states, and within an epoch its order and step) after every epoch and every
+    CHECKPOINT_STEPS steps. A run that finds a checkpoint of the same settings goes on from it, so
+    an interrupted run, or one asked for more epochs, ends where one uninterrupted run would (the
+    learning rate is constant)."""
     import time
     out, model_path, samples, epochs, seed = fs.out, fs.model, fs.samples, fs.epochs, fs.seed
     r, alpha, dropout, lr, batch_size = fs.r, fs.lora_alpha, fs.lora_dropout, fs.lr, fs.batch_size
@@ -273,7 +275,7 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
     same = {"model": str(model_path), "fingerprint": ds.fingerprint, "samples": len(seqs), "r": r, "alpha": alpha,
             "dropout": dropout, "lr": lr, "batch_size": batch_size, "seed": seed}
     ckpt_path = out.with_name(out.name + ".ckpt")
-    done, losses, seconds = 0, [], 0.0
+    done, losses, seconds, order, step0 = 0, [], 0.0, None, 0
     if ckpt_path.exists():
         ck = read_checkpoint(ckpt_path)
         if ck["settings"] != same:
@@ -284,11 +286,20 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
         if ck.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["cuda_rng"])
         done, losses, seconds = ck["epochs"], ck["losses"], ck["seconds"]
-        log(f"  resuming from {ckpt_path} after epoch {done}")
+        step0, order = ck.get("step", 0), ck.get("order")
+        log(f"  resuming from {ckpt_path} after epoch {done}" + (f", step {step0} of the next" if step0 else ""))
     t0 = time.perf_counter() - seconds
+
+    def save(epochs_done: int, step: int = 0, order=None):
+        atomic_write(ckpt_path, lambda f: torch.save(
+            {"settings": same, "epochs": epochs_done, "step": step, "order": order, "losses": losses,
+             "seconds": time.perf_counter() - t0, "lora": model.lora.state_dict(), "opt": opt.state_dict(),
+             "torch_rng": torch.get_rng_state(), "np_rng": g.bit_generator.state,
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, f))
+
     for epoch in range(done, epochs):
-        order = g.permutation(len(seqs))
-        for a in range(0, len(seqs), batch_size):
+        order = order if step0 else g.permutation(len(seqs)).tolist()
+        for step, a in enumerate(range(step0 * batch_size, len(seqs), batch_size), step0 + 1):
             loss = lm_loss(model, [seqs[i] for i in order[a:a + batch_size]], pad, checkpoint)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -298,12 +309,11 @@ def train_lora(ds, fs: FinetuneSettings, log=print) -> dict:
                 raise FloatingPointError(f"finetune: the loss became {losses[-1]} at step {len(losses)} (a smaller "
                                          f"--lr than {lr}?); nothing of this epoch was written")
             log(f"  epoch {epoch + 1} step {len(losses)}: loss {losses[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+            if step % CHECKPOINT_STEPS == 0 and a + batch_size < len(seqs):
+                save(epoch, step, order)
         export_lora(model, out, r, alpha)
-        atomic_write(ckpt_path, lambda f: torch.save(
-            {"settings": same, "epochs": epoch + 1, "losses": losses, "seconds": time.perf_counter() - t0,
-             "lora": model.lora.state_dict(), "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-             "np_rng": g.bit_generator.state,
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, f))
+        save(epoch + 1)
+        step0 = 0
     return {**same, "epochs": epochs, "losses": losses, "seconds": time.perf_counter() - t0, "adapter": str(out),
             "device": str(device), "dtype": str(dtype).replace("torch.", ""), "checkpoint": checkpoint}
 

@@ -2661,7 +2661,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model):
 
 
 @needs_llm
-def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path):
+def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path, monkeypatch):
     ds = tiny_dataset()
     ds.domain = "movies"
     settings = lambda out, epochs, lr=1e-2: FT.FinetuneSettings(out=str(out), model=str(tiny_model), samples=12,
@@ -2674,6 +2674,23 @@ def test_interrupted_finetune_resumes_to_the_same_adapter(tiny_model, tmp_path):
     assert (tmp_path / "part.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
     with pytest.raises(C.TeacherError, match="part.gguf.ckpt: a checkpoint of other settings"):
         FT.train_lora(ds, settings(tmp_path / "part.gguf", 3, lr=1e-3), log=lambda *a: None)
+    # killed within an epoch (a checkpoint every 2 steps): the rerun goes on from its last step
+    monkeypatch.setattr(FT, "CHECKPOINT_STEPS", 2)
+    real, calls = FT.lm_loss, []
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 6:                      # 3 steps an epoch: epoch 2's last step, after its step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(FT, "lm_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "mid.gguf", 2)
+    ck = torch.load(tmp_path / "mid.gguf.ckpt", weights_only=True)
+    assert (ck["epochs"], ck["step"], len(ck["losses"])) == (1, 2, 5)
+    monkeypatch.setattr(FT, "lm_loss", real)
+    mid = run(tmp_path / "mid.gguf", 2)
+    assert mid["losses"] == whole["losses"]
+    assert (tmp_path / "mid.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
 
 
 class RunsCode:

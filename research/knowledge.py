@@ -91,11 +91,15 @@ def cmd_knowledge(args, ds) -> dict:
     if runs.save_shard(p, args.out, ds, every):
         return {"runs": every}
     table = knowledge_table(every, made, p.lams, ds.test.user)
-    print(f"\nknowledge on {ds.name}, all {len(ds.test)} test rows")
-    print(format_knowledge_table(table, made))
-    if args.out:
-        write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "families": FAMILIES,
-                                    "table": table, "runs": every})
+    return finish(args.out, ds, "knowledge", format_knowledge_table(table, made), FAMILIES, table, every)
+
+
+def finish(out: str | None, ds, title: str, text: str, families: tuple, table, every: list[dict]) -> dict:
+    """Print a table of declared families, and write it with its runs to out (if given)."""
+    print(f"\n{title} on {ds.name}, all {len(ds.test)} test rows\n{text}")
+    if out:
+        write_json(Path(out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "families": families,
+                               "table": table, "runs": every})
     return {"table": table, "runs": every}
 
 

@@ -14,14 +14,13 @@ declared in RESULTS before the runs:
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import baselines
 import cli
 import runs
-from common import UserError, choice_list, preset, write_json
+from common import UserError, choice_list, preset
 from research import gates, teachers
-from research.knowledge import correct_by_family, twin_of
+from research.knowledge import correct_by_family, finish, twin_of
 from results import HR, NDCG, compare, format_rows, lam_cell, pm, summarise
 
 FAMILIES = ("table5 vs base", "table5 vs best baseline")
@@ -59,12 +58,7 @@ def cmd_table5(args, ds) -> dict:
     if runs.save_shard(p, args.out, ds, every):
         return {"runs": every}
     table = table5(every, made, p.lams, kd_grid, ds.test.user)
-    print(f"\nthe paper's Table 5 on {ds.name}, all {len(ds.test)} test rows")
-    print(format_table5(table, made))
-    if args.out:
-        write_json(Path(args.out), {"dataset": ds.name, "fingerprint": ds.fingerprint, "families": FAMILIES,
-                                    "table": table, "runs": every})
-    return {"table": table, "runs": every}
+    return finish(args.out, ds, "the paper's Table 5", format_table5(table, made), FAMILIES, table, every)
 
 
 def best_baseline(lines: list[dict], pool: list[dict]) -> dict | None:
