@@ -397,7 +397,7 @@ def cmd_run(args, ds) -> TeacherOutputs | None:
 
 
 def cmd_bench(args, ds) -> dict:
-    st = from_args(TeacherSettings, args)
+    st = with_default_adapter(from_args(TeacherSettings, args), ds, args.zero_shot)
     if st.server or st.embed_server:
         raise UserError("teacher-bench times the in-process model; a served teacher's rows/s: run `teacher --server "
                         "...` on a few rows (its manifest records seconds_per_row)")
@@ -449,7 +449,8 @@ def teach(ds, st: TeacherSettings, cache: str | None = None, shard_dirs: list | 
     close the engine. -> (the teacher's outputs, None while work is missing; the cache folder)"""
     with closing(open_engine(st)) as engine:
         path = Path(cache) if cache else default_cache(ds, st, engine)
-        print(f"{ds.summary()}\nteacher: {engine.model_name}{' + adapter ' + st.lora if st.lora else ' (zero-shot)'}"
+        adapter = f" + adapter {st.lora}" if st.lora else "" if st.server else " (zero-shot: no adapter)"
+        print(f"{ds.summary()}\nteacher: {engine.model_name}{adapter}"
               f"{', titles only' if st.titles_only else ''} on {st.train_rows or 'all'} training rows and "
               f"{st.eval_rows or 'all'} validation and test rows each; cache {path}", flush=True)
         teacher = (merge(ds, path, shard_dirs, st, engine) if shard_dirs is not None
