@@ -2373,29 +2373,37 @@ def test_full_preset_runs_every_stage_resumes_each_and_reuses_everything(tiny_mo
     monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
     argv = ["reproduce", "--full", "--model", str(tiny_model), "--n-ctx", "1024", "--max-new-tokens", "8",
             "--top-n", "12", "--finetune-samples", "8", "--students", "sasrec", "--seeds", "1", "--lams", "0.3", "1",
-            "--epochs", "2", "--batch-size", "64", "--model-teacher-seeds", "0"]
-    results = {}
+            "--epochs", "2", "--batch-size", "64", "--model-teacher-seeds", "0",
+            "--teacher-rows", "128", "--teacher-eval-rows", "10"]      # (default: every row; here fewer, for time)
+    def dies_at(module, name, call):               # module.name raises KeyboardInterrupt at its call-th call
+        real, calls = getattr(module, name), []
+        def dying(*a, **k):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        monkeypatch.setattr(module, name, dying)
+        with pytest.raises(SystemExit, match="interrupted"):
+            main([*argv, "--out", str(tmp_path / "dead.json")])
+        monkeypatch.setattr(module, name, real)
     for home in ("whole", "killed"):
         monkeypatch.setenv("DLLM2REC_CACHE", str(tmp_path / home))
-        if home == "killed":                                  # the third student run dies: a rerun resumes
-            real_fit, calls = runs.fit, []
-            def dying(*a, **k):
-                calls.append(1)
-                if len(calls) == 3:
-                    raise KeyboardInterrupt
-                return real_fit(*a, **k)
-            monkeypatch.setattr(runs, "fit", dying)
-            with pytest.raises(SystemExit, match="interrupted"):
-                main([*argv, "--out", str(tmp_path / "dead.json")])
-            monkeypatch.setattr(runs, "fit", real_fit)
-        results[home] = main([*argv, "--out", str(tmp_path / f"{home}.json")])
+        if home == "killed":        # killed in each stage in turn: fine-tuning, the teacher's third chunk, a student
+            dies_at(FT, "lm_loss", 1)
+            dies_at(T, "one_chunk", 3)
+            dies_at(runs, "fit", 3)
+        main([*argv, "--out", str(tmp_path / f"{home}.json")])
     printed = capsys.readouterr().out
     assert "FULL PRESET on cpu: (1) fine-tuning the teacher's LoRA on 8 of 300 training rows" in printed
-    assert "(2) the teacher on 300 training rows and 40 validation and test rows each" in printed
+    assert "(2) the teacher on 128 training rows and 10 validation and test rows each" in printed
     assert "taken from" in printed and list((tmp_path / "killed" / "adapters").glob("*.gguf"))
     whole, killed = (json.loads((tmp_path / f"{h}.json").read_text()) for h in ("whole", "killed"))
     assert whole["teacher"]["checksum"] == killed["teacher"]["checksum"]
-    assert whole["teacher"]["covered_train_rows"] == len(ds.train)
+    assert whole["teacher"]["covered_train_rows"] == 128
+    args = parse(["reproduce", "--full", "--lora", str(tiny_model)])    # an adapter given: no tuning; every row
+    st = cli.full_teacher(ds, from_args(T.TeacherSettings, args), args,
+                          cli.plan(args, ds, 20, students=["sasrec"], seeds=1, lams=(0.5,)), torch.device("cpu"))
+    assert (st.train_rows, st.eval_rows, st.n_seq, st.lora, st.titles_only) == (None, None, 1, str(tiny_model), False)
     assert [(l["variant"], l["lam"], l["NDCG@20"]) for l in whole["summary"]] == \
         [(l["variant"], l["lam"], l["NDCG@20"]) for l in killed["summary"]]
     assert whole["summary"][1]["lam_grid"] is not None
