@@ -125,11 +125,13 @@ def compare(line: dict, ref: dict, runs: list[dict], ref_runs: list[dict], users
 
 
 def correct(comparisons: list[dict]) -> None:
-    """Holm's correction over one table's comparisons (compare's), then each one's verdict from
-    the corrected p and the statistic's direction."""
-    tested = [c for c in comparisons if c["paired"]]
-    for c, p in zip(tested, holm([c["paired"]["p"] for c in tested])):
-        c["paired"]["p_holm"] = p
+    """Holm's correction within each comparison's family (its "family": a claim declared before
+    its runs; one family, the table's, where none is named), then each one's verdict from the
+    corrected p and the statistic's direction."""
+    for family in dict.fromkeys(c.get("family") for c in comparisons):
+        tested = [c for c in comparisons if c.get("family") == family and c["paired"]]
+        for c, p in zip(tested, holm([c["paired"]["p"] for c in tested])):
+            c["paired"]["p_holm"], c["paired"]["family_size"] = p, len(tested)
     for c in comparisons:
         means, pair = c.pop("_means"), c["paired"]
         c["verdict"] = verdict(*means, pair["p_holm"], pair["z"]) if pair else verdict(*means)

@@ -1247,7 +1247,7 @@ def test_retrieval_teacher_command_writes_a_cache_train_distils(tmp_path, monkey
     assert [l["variant"] for l in out["summary"]] == ["base", "dllm2rec"]
 
 
-def test_gates_command_compares_each_gate_with_full_and_the_base_holm_over_the_table(tmp_path, monkeypatch, capsys):
+def test_gates_command_compares_each_gate_with_full_and_the_base_holm_within_each_family(tmp_path, monkeypatch, capsys):
     ds = tiny_dataset(n_items=30, rows=(300, 40, 40))
     ds.test.user = np.arange(len(ds.test)) % 9                      # 9 users: the paired test runs over them
     monkeypatch.setattr(data, "load_dataset", lambda *a: ds)
@@ -1270,9 +1270,12 @@ def test_gates_command_compares_each_gate_with_full_and_the_base_holm_over_the_t
             assert c["paired"]["unit"] == "users"
             comparisons.append(c)
     assert len(comparisons) == 3 * (1 + 2 * len(G.GATES))
-    assert [c["paired"]["p_holm"] for c in comparisons] == R.holm([c["paired"]["p"] for c in comparisons])
+    for family in G.FAMILIES.values():
+        mine = [c for c in comparisons if c["family"] == family]
+        assert len(mine) == 3 * (len(G.GATES) if family == "filter" else 1 + len(G.GATES))
+        assert [c["paired"]["p_holm"] for c in mine] == R.holm([c["paired"]["p"] for c in mine])
     printed = capsys.readouterr().out
-    assert "row gates on tiny" in printed and "over users with Holm's correction over the whole table" in printed
+    assert "row gates on tiny" in printed and "over users with Holm's correction within its family (filter:" in printed
     table = printed.split("row gates on tiny")[1].splitlines()
     assert sum(line.startswith("sasrec base") for line in table) == 1 and len(table) == 2 + 1 + 3 * (1 + len(G.GATES)) + 1
     # shards and --reuse print the same table
@@ -1652,7 +1655,8 @@ def test_false_positive_rate_splits_the_seeds_in_two_and_counts_the_rules_calls(
 
 def test_gate_table_counts_each_distinct_comparison_once_and_none_between_the_same_runs():
     """A gate that is 1 on every row trains full DLLM2Rec's runs again: its line against full is
-    no test, and its line against the base is full's own comparison, counted once in Holm's family."""
+    no test, and its line against the base is full's own comparison, counted once in Holm's family;
+    the families are the declared ones (against full DLLM2Rec: filter; against the base)."""
     users = np.arange(30) % 10
     def run(variant, seed, shift):
         ranks = [int(r) for r in (np.arange(30) * 3 + shift) % 40]
@@ -1668,8 +1672,12 @@ def test_gate_table_counts_each_distinct_comparison_once_and_none_between_the_sa
     assert by["dllm2rec+confidence-gate"]["vs"]["dllm2rec"]["verdict"] == "same runs"
     assert by["dllm2rec+confidence-gate"]["vs"]["base"] is by["dllm2rec"]["vs"]["base"]
     tested = {id(c): c for l in lines for c in l["vs"].values() if c.get("paired")}
-    ps = [c["paired"]["p"] for c in tested.values()]
-    assert len(tested) == 3 and sorted(c["paired"]["p_holm"] for c in tested.values()) == pytest.approx(sorted(R.holm(ps)))
+    assert len(tested) == 3
+    for family, size in (("filter", 1), ("filter vs base", 2)):   # Holm within each declared family
+        mine = [c for c in tested.values() if c["family"] == family]
+        assert len(mine) == size and all(c["paired"]["family_size"] == size for c in mine)
+        assert [c["paired"]["p_holm"] for c in mine] == pytest.approx(R.holm([c["paired"]["p"] for c in mine]))
+    assert by["dllm2rec+target-gate"]["vs"]["dllm2rec"]["family"] == "filter"
 
 
 def test_mixed_of_two_teachers_takes_each_ones_advice_on_half_the_rows_honest_or_flat(tmp_path, monkeypatch):

@@ -1,7 +1,11 @@
 """The row-gate table (beyond the paper: README, "A row gate"): for each teacher, full DLLM2Rec
 and full DLLM2Rec with each row gate (`--row-gate`), every run to convergence over seeds; each
-gated student against full DLLM2Rec and against the undistilled base, full DLLM2Rec against the
-base, with the per-user paired test and Holm's correction over the table's comparisons.
+gated student (and uniform weights, --uniform) against full DLLM2Rec and against the undistilled
+base, full DLLM2Rec against the base, with the per-user paired test and Holm's correction within
+each family, declared here (RESULTS declares each before its runs):
+- "filter":         each gated or uniform line against full DLLM2Rec with the same teacher (do
+                    the weights, or a gate, filter the teacher's bad advice?);
+- "filter vs base": every distilled line against the undistilled student.
 
 The goal, stated before the runs: with a random teacher a gated student is within noise of the
 base; with the mixed teacher (right on half the rows) a gate is a gain over full DLLM2Rec; with
@@ -22,6 +26,7 @@ from research import teachers
 from results import compare, correct, format_rows, pm, summarise
 
 GATES = tuple(g for g in ROW_GATES if g != "off")
+FAMILIES = {"dllm2rec": "filter", "base": "filter vs base"}   # the reference -> its family
 
 
 def teacher_spec(text: str) -> tuple[str, str | float | tuple, str]:
@@ -134,8 +139,8 @@ def same_runs(a: list[dict], b: list[dict]) -> bool:
 
 def gate_table(base: list[dict], per_teacher: dict, users) -> list[dict]:
     """One line per (student, teacher, variant) with its comparisons: full DLLM2Rec against the
-    base; each gated variant against full DLLM2Rec and against the base. Holm over them all, each
-    distinct comparison counted once: one between the same runs is no test ("same runs"), and one
+    base; each gated variant against full DLLM2Rec and against the base. Holm within each of
+    FAMILIES, each distinct comparison counted once: one between the same runs is no test ("same runs"), and one
     of the same runs as another (a gated line equal to full DLLM2Rec, against the base) shares it."""
     lines, comparisons, seen = [], [], []
     for name, trained in per_teacher.items():
@@ -154,7 +159,8 @@ def gate_table(base: list[dict], per_teacher: dict, users) -> list[dict]:
                         out["vs"][ref] = {"change_NDCG@20": 0.0, "paired": None, "verdict": "same runs"}
                         continue
                     twin = next((c for a, b, c in seen if same_runs(a, mine) and same_runs(b, theirs)), None)
-                    c = twin if twin is not None else compare(line, by[student, ref], mine, theirs, users)
+                    c = twin if twin is not None else {**compare(line, by[student, ref], mine, theirs, users),
+                                                       "family": FAMILIES[ref]}
                     out["vs"][ref] = c
                     if twin is None:
                         seen.append((mine, theirs, c))
@@ -188,4 +194,6 @@ def format_gate_table(lines: list[dict]) -> str:
         "test NDCG@20 at the epoch of best validation NDCG@20, mean ± std over seeds (*: a seed stopped at the "
         "epoch cap); vs full: against full DLLM2Rec with the same teacher, vs base: against the undistilled "
         "student. A gain or a loss needs both tests, in the statistic's direction: beyond twice the combined "
-        f"seed std, and the Wilcoxon signed-rank test over {unit} with Holm's correction over the whole table"))
+        f"seed std, and the Wilcoxon signed-rank test over {unit} with Holm's correction within its family ("
+        + ", ".join(f"{f}: against {'full DLLM2Rec' if r == 'dllm2rec' else 'the base'}" for r, f in FAMILIES.items())
+        + ")"))

@@ -31,7 +31,7 @@ import runs
 from common import UserError, choice_list, preset, write_json
 from dllm2rec import ABLATIONS
 from research import teachers
-from results import HR, NDCG, compare, format_rows, holm, lam_cell, pm, summarise, verdict
+from results import HR, NDCG, compare, correct, format_rows, lam_cell, pm, summarise
 
 FAMILIES = ("lift", "knowledge", "control", "parts", "parts vs base")
 
@@ -133,19 +133,8 @@ def knowledge_table(every: list[dict], made: list, lams: tuple, users) -> list[d
                         out["vs"][ref] = c
                         comparisons.append(c)
                 lines.append(out)
-    correct_by_family(comparisons)
+    correct(comparisons)
     return lines
-
-
-def correct_by_family(comparisons: list[dict]) -> None:
-    """Holm's correction within each comparison's declared family, then each verdict."""
-    for family in {c["family"] for c in comparisons}:
-        tested = [c for c in comparisons if c["family"] == family and c["paired"]]
-        for c, p in zip(tested, holm([c["paired"]["p"] for c in tested])):
-            c["paired"]["p_holm"], c["paired"]["family_size"] = p, len(tested)
-    for c in comparisons:
-        means, pair = c.pop("_means"), c["paired"]
-        c["verdict"] = verdict(*means, pair["p_holm"], pair["z"]) if pair else verdict(*means)
 
 
 def format_knowledge_table(lines: list[dict], made: list) -> str:

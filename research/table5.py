@@ -20,8 +20,8 @@ import cli
 import runs
 from common import UserError, choice_list, preset
 from research import gates, teachers
-from research.knowledge import correct_by_family, finish, twin_of
-from results import HR, NDCG, compare, format_rows, lam_cell, pm, summarise
+from research.knowledge import finish, twin_of
+from results import HR, NDCG, compare, correct, format_rows, lam_cell, pm, summarise
 
 FAMILIES = ("table5 vs base", "table5 vs best baseline")
 ORDER = ("hint", "htd", "rd", "cd", "rrd", "dcd", "unkd")          # the paper's rows: embedding, then ranking methods
@@ -98,7 +98,7 @@ def table5(every: list[dict], made: list, lams: tuple, kd_grid: tuple, users) ->
                                               users), "family": FAMILIES[1]}
                 comparisons.append(block["vs_best"])
             blocks.append(block)
-    correct_by_family(comparisons)
+    correct(comparisons)
     return blocks
 
 
