@@ -941,7 +941,7 @@ def test_summarise_pairs_each_variant_with_its_reference_over_seed_averaged_rows
     lines = {l["variant"]: l for l in R.summarise(runs, {"dllm2rec": "base", "dllm2rec-no_wp": "dllm2rec"})}
     full = lines["dllm2rec"]
     want = R.signed_rank_test(np.mean([metrics.ndcg_per_row(r) for r in better], 0) - np.mean([metrics.ndcg_per_row(r) for r in base], 0))
-    assert full["against"] == "base" and full["paired"] == {**want, "unit": "rows", "p_holm": 2 * want["p"]}
+    assert full["against"] == "base" and full["paired"] == {**want, "unit": "rows", "p_holm": 2 * want["p"], "family_size": 2}
     assert full["paired"]["p"] < 1e-6
     assert lines["dllm2rec-no_wp"]["against"] == "dllm2rec" and lines["dllm2rec-no_wp"]["paired"]["p"] == 1.0
     assert lines["dllm2rec-no_wp"]["verdict"] == "within noise" and lines["base"]["against"] is None
