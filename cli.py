@@ -34,8 +34,8 @@ from results import format_rows, format_table, summarise
 # training rows and 128 validation and test rows each; its students and seeds follow the
 # device: on a CPU two students over two seeds (about 20 minutes), on CUDA the full protocol.
 # Beside the LLM's row, a trained-model teacher's (model_teacher.py: stronger than the students, not
-# an LLM): on a CPU one DROS member distilled into the first student (about 11 more minutes, estimated), on
-# CUDA three members into every student.
+# an LLM): on a CPU one DROS member distilled into the first student (9.7 more minutes on a 2-core
+# CPU, RESULTS), on CUDA three members into every student.
 REPRODUCE = {"train_rows": 512, "eval_rows": 128,
              "students": {"cpu": ["sasrec", "dros"], "cuda": list(students.STUDENTS)},
              "seeds": {"cpu": 2, "cuda": 3},
@@ -181,7 +181,7 @@ def cmd_reproduce(args, ds) -> dict:
     if mt_students:
         print(f"then a trained-model teacher's row (not an LLM; --model-teacher-seeds 0 leaves it out): "
               f"{' + '.join(model_teacher.MEMBERS)} x {mt_seeds} fitted on the training rows, distilled into "
-              f"{', '.join(mt_students)}" + (" (about 11 more minutes, estimated)" if device.type == "cpu" else ""))
+              f"{', '.join(mt_students)}" + (" (about 10 more minutes on a 2-core CPU)" if device.type == "cpu" else ""))
     st = from_args(teacher_llm.TeacherSettings, args)
     if full:
         st = full_teacher(ds, st, args, p, device)
