@@ -140,8 +140,9 @@ def same_runs(a: list[dict], b: list[dict]) -> bool:
 def gate_table(base: list[dict], per_teacher: dict, users) -> list[dict]:
     """One line per (student, teacher, variant) with its comparisons: full DLLM2Rec against the
     base; each gated variant against full DLLM2Rec and against the base. Holm within each of
-    FAMILIES, each distinct comparison counted once: one between the same runs is no test ("same runs"), and one
-    of the same runs as another (a gated line equal to full DLLM2Rec, against the base) shares it."""
+    FAMILIES, each distinct comparison counted once: one between the same runs is no test ("same
+    runs"), and one of the same runs as another (a gated line equal to full DLLM2Rec, against the
+    base) shares it."""
     lines, comparisons, seen = [], [], []
     for name, trained in per_teacher.items():
         summary = summarise(base + trained, corrected=False)
