@@ -124,14 +124,18 @@ def compare(line: dict, ref: dict, runs: list[dict], ref_runs: list[dict], users
             "verdict": None, "_means": means}
 
 
-def correct(comparisons: list[dict]) -> None:
+def correct(comparisons: list[dict], declared: dict[str, int] | None = None) -> None:
     """Holm's correction within each comparison's family (its "family": a claim declared before
     its runs; one family, the table's, where none is named), then each one's verdict from the
-    corrected p and the statistic's direction."""
+    corrected p and the statistic's direction. declared: {family: its declared number of
+    comparisons}; where fewer are measured, the others count as p = 1, so the corrected p are
+    upper bounds on what the complete family will give (family_size: the declared number)."""
     for family in dict.fromkeys(c.get("family") for c in comparisons):
         tested = [c for c in comparisons if c.get("family") == family and c["paired"]]
-        for c, p in zip(tested, holm([c["paired"]["p"] for c in tested])):
-            c["paired"]["p_holm"], c["paired"]["family_size"] = p, len(tested)
+        size = max(len(tested), (declared or {}).get(family, 0))
+        ps = holm([c["paired"]["p"] for c in tested] + [1.0] * (size - len(tested)))
+        for c, p in zip(tested, ps):
+            c["paired"]["p_holm"], c["paired"]["family_size"], c["paired"]["family_measured"] = p, size, len(tested)
     for c in comparisons:
         means, pair = c.pop("_means"), c["paired"]
         c["verdict"] = verdict(*means, pair["p_holm"], pair["z"]) if pair else verdict(*means)

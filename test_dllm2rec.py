@@ -882,6 +882,20 @@ def test_holm_on_a_small_list():
     assert R.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and R.holm([0.2]) == [0.2] and R.holm([]) == []
 
 
+def test_holm_over_a_declared_family_counts_the_unprinted_comparisons_as_p_one():
+    """Two of a declared four printed: Holm over .01 .04 1 1, times 4 3 2 1: .04 .12 (upper bounds);
+    undeclared, over the two printed alone: .02 .04. The verdict follows the bound."""
+    def comparisons():
+        return [{"family": "f", "paired": {"p": p, "z": 3.0}, "_means": (1.0, 0.0, 0.5, 0.0, 3)} for p in (0.01, 0.04)]
+    alone, bounded = comparisons(), comparisons()
+    R.correct(alone)
+    R.correct(bounded, {"f": 4, "other": 9})
+    assert [c["paired"]["p_holm"] for c in alone] == pytest.approx([0.02, 0.04])
+    assert [c["paired"]["p_holm"] for c in bounded] == pytest.approx([0.04, 0.12])
+    assert {(c["paired"]["family_measured"], c["paired"]["family_size"]) for c in bounded} == {(2, 4)}
+    assert [c["verdict"] for c in alone] == ["gain", "gain"] and [c["verdict"] for c in bounded] == ["gain", "within noise"]
+
+
 def test_the_paired_test_over_users_averages_each_users_rows_and_seeds():
     """Two users: user 0 with rows 0, 1, 3, user 1 with row 2 (and user 2 with none). By hand:
     per-row NDCG@20 of a (2 seeds) and b (1 seed), the differences averaged per user."""
@@ -941,7 +955,8 @@ def test_summarise_pairs_each_variant_with_its_reference_over_seed_averaged_rows
     lines = {l["variant"]: l for l in R.summarise(runs, {"dllm2rec": "base", "dllm2rec-no_wp": "dllm2rec"})}
     full = lines["dllm2rec"]
     want = R.signed_rank_test(np.mean([metrics.ndcg_per_row(r) for r in better], 0) - np.mean([metrics.ndcg_per_row(r) for r in base], 0))
-    assert full["against"] == "base" and full["paired"] == {**want, "unit": "rows", "p_holm": 2 * want["p"], "family_size": 2}
+    assert full["against"] == "base" and full["paired"] == {**want, "unit": "rows", "p_holm": 2 * want["p"], "family_size": 2,
+                                                          "family_measured": 2}
     assert full["paired"]["p"] < 1e-6
     assert lines["dllm2rec-no_wp"]["against"] == "dllm2rec" and lines["dllm2rec-no_wp"]["paired"]["p"] == 1.0
     assert lines["dllm2rec-no_wp"]["verdict"] == "within noise" and lines["base"]["against"] is None
@@ -1593,7 +1608,7 @@ def test_table5_command_lays_out_the_baselines_with_gains_and_holm_within_each_f
     C.write_cache(tmp_path / "t", ds, src.item_emb, src.splits, {"model": "random"})
     argv = ["table5", "--teachers", str(tmp_path / "t"), "--students", "sasrec,gru4rec", "--kds", "rd,hint",
             "--lams", "0.5", "--kd-lams", "0.1", "1", "--seeds", "2", "--epochs", "1", "--batch-size", "64"]
-    out = main(argv)
+    out = main([*argv, "--out", str(tmp_path / "t5.json")])
     assert len(out["runs"]) == 2 * 2 * (1 + 2 + 2 * 2)       # seeds x students x (base, full + twin, 2 kds x 2 lams)
     block = next(b for b in out["table"] if b["student"] == "sasrec")
     lines = {l["variant"]: l for l in block["lines"]}
@@ -1611,6 +1626,13 @@ def test_table5_command_lays_out_the_baselines_with_gains_and_holm_within_each_f
     assert sizes == {"table5 vs base": 8, "table5 vs best baseline": 2}
     printed = capsys.readouterr().out
     assert re.search(r"^Gain\.S ", printed, re.M) and "best baseline (" in printed
+    assert "table5 vs base: 8; table5 vs best baseline: 2)" in printed
+    # part of a larger declared family: the same runs, Holm over 20 and 3 with the others as p = 1
+    part = main([*argv, "--declared", "20", "3", "--reuse", str(tmp_path / "t5.json"), "--reuse-only"])
+    pairs = lambda o: [c["paired"] for b in o["table"] for c in [l["vs_base"] for l in b["lines"] if "vs_base" in l] + [b["vs_best"]]]
+    assert {(p["family_measured"], p["family_size"]) for p in pairs(part)} == {(8, 20), (2, 3)}
+    assert all(p["p_holm"] >= q["p_holm"] for p, q in zip(pairs(part), pairs(out)))
+    assert "table5 vs base: 8 of its declared 20, the others counted as p = 1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="argument --kds: .bert.: choose from hint,htd"):
         main([*argv, "--kds", "bert"])
 

@@ -57,7 +57,7 @@ def cmd_table5(args, ds) -> dict:
                                 clock=clock), name)
     if runs.save_shard(p, args.out, ds, every):
         return {"runs": every}
-    table = table5(every, made, p.lams, kd_grid, ds.test.user)
+    table = table5(every, made, p.lams, kd_grid, ds.test.user, dict(zip(FAMILIES, args.declared or ())))
     return finish(args.out, ds, "the paper's Table 5", format_table5(table, made), FAMILIES, table, every)
 
 
@@ -70,9 +70,10 @@ def best_baseline(lines: list[dict], pool: list[dict]) -> dict | None:
     return max(found, key=val) if found else None
 
 
-def table5(every: list[dict], made: list, lams: tuple, kd_grid: tuple, users) -> list[dict]:
+def table5(every: list[dict], made: list, lams: tuple, kd_grid: tuple, users, declared: dict | None = None) -> list[dict]:
     """Per (student, teacher): its lines (each against the base), Gain.S and Gain.B with the
-    comparison against the best baseline; Holm within each declared family."""
+    comparison against the best baseline; Holm within each declared family (declared: {family:
+    its declared size}, where this command prints only part of it)."""
     base = [r for r in every if not r["config"]["distilled"]]
     pick = lambda pool, s, v: [r for r in pool if r["config"]["student"] == s and r["variant"] == v]
     base_lines = {l["student"]: l for l in summarise(base, corrected=False)}
@@ -98,7 +99,7 @@ def table5(every: list[dict], made: list, lams: tuple, kd_grid: tuple, users) ->
                                               users), "family": FAMILIES[1]}
                 comparisons.append(block["vs_best"])
             blocks.append(block)
-    correct(comparisons)
+    correct(comparisons, declared)
     return blocks
 
 
@@ -132,8 +133,20 @@ def format_table5(blocks: list[dict], made: list) -> str:
             "test metrics at the epoch of best validation NDCG@20, mean ± std over seeds; lam (val): each method's "
             "weight chosen on validation; Gain.S: DLLM2Rec over the base, Gain.B: over the best baseline (by "
             "validation). A gain or a loss needs both tests: beyond twice the combined seed std, and the Wilcoxon "
-            "test over users with Holm's correction within its family (" + ", ".join(FAMILIES) + ")")))
+            "test over users with Holm's correction within its family (" + family_sizes(blocks) + ")")))
     return "\n\n".join(out)
+
+
+def family_sizes(blocks: list[dict]) -> str:
+    """Each family, with how many of its declared comparisons the table holds."""
+    tests = [l["vs_base"] for b in blocks for l in b["lines"] if "vs_base" in l]
+    tests += [b["vs_best"] for b in blocks if "vs_best" in b]
+    sizes = {c["family"]: (c["paired"]["family_measured"], c["paired"]["family_size"]) for c in tests if c["paired"]}
+    said = []
+    for f in FAMILIES:
+        held, declared = sizes.get(f, (0, 0))
+        said.append(f"{f}: {held}" + (f" of its declared {declared}, the others counted as p = 1" if held < declared else ""))
+    return "; ".join(said)
 
 
 def metric_cells(l: dict | None) -> tuple:
@@ -153,5 +166,8 @@ def flags(p) -> None:
     cli.lam_grid_flag(p)
     p.add_argument("--kd-lams", type=float, nargs="+", metavar="LAM", default=[],
                    help="the baselines' weight grid (each chosen on validation NDCG@20)")
+    p.add_argument("--declared", type=int, nargs=2, metavar=("VS_BASE", "VS_BEST"),
+                   help="the two families' declared sizes (RESULTS), where this command prints part of them: "
+                        "Holm counts the comparisons not printed as p = 1, so its p are upper bounds")
     cli.split_flags(p)
     preset(p, students=["sasrec", "dros"], seeds=3, epochs=300, lams=[0.1, 0.3, 0.7, 1.0], kd_lams=[0.01, 0.1, 1.0, 10.0])
