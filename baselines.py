@@ -95,7 +95,11 @@ def rd_loss(s_cand: torch.Tensor, rank_s: torch.Tensor) -> torch.Tensor:
 def cd_loss(s_pick: torch.Tensor, d_pick: torch.Tensor, t1: float = CD_T1, t2: float = CD_T2) -> torch.Tensor:
     """CD (Lee et al., 2019, collaborative distillation): the student's score of each sampled item
     against the teacher's soft label y = sigmoid((score_T + t2) / t1), score_T = -d, by binary
-    cross-entropy, summed over the sampled items. s_pick, d_pick [B, m]. -> [B]"""
+    cross-entropy, summed over the sampled items. s_pick, d_pick [B, m]. -> [B]
+    CD was written for a teacher's logits (a BPR model's: 0 is neutral); a distance teacher's
+    score -d is below 0 for every item, so every label is below 1/2: with the model teacher
+    (d about 6) y is about .05, and CD tells the student that the teacher's top items are
+    irrelevant. t2 is CD's own shift for such a scale; here it is KDs' 0, not tuned (RESULTS)."""
     y = torch.sigmoid((-d_pick + t2) / t1)
     return (y * F.softplus(-s_pick) + (1 - y) * F.softplus(s_pick)).sum(1)
 
