@@ -1946,6 +1946,8 @@ def test_bad_device_out_and_os_errors_end_in_one_line(tmp_path, monkeypatch):
     (["mechanism", "--students", "sasrec,dros"], "the mechanism check trains one student"),
     (["train", "--ablations", "no_wp"], "need --teacher"), (["train", "--no-baseline"], "need --teacher"),
     (["train", "--kd", "rd"], "need --teacher"),
+    (["table5", "--teachers", "T", "--students", "sasrec", "--kds", "rd", "--declared", "2", "1"],
+     "--declared 2 1: this command prints 3 and 1 comparisons; a declared family holds at least as many"),
     (["train", "--kd", "rd", "--teacher", "T", "--ablations", "no_wp"], "--kd rd with --ablations: the ablations are"),
     (["train", "--kd", "hint", "--teacher", "T", "--row-gate", "target"], "--kd hint: the ablations and the row gate"),
     (["reproduce", "--zero-shot", "--lora", "A"], "--zero-shot with --lora"),

@@ -31,6 +31,10 @@ def cmd_table5(args, ds) -> dict:
     p = cli.plan(args, ds, None)
     if not p.lams or not args.kd_lams:
         raise UserError("--lams and --kd-lams: every method's weight is chosen on validation; give a grid for each")
+    printed = (len(p.students) * len(args.teachers) * (len(args.kds) + 2), len(p.students) * len(args.teachers))
+    if args.declared and any(d < n for d, n in zip(args.declared, printed)):
+        raise UserError(f"--declared {' '.join(map(str, args.declared))}: this command prints {printed[0]} and "
+                        f"{printed[1]} comparisons; a declared family holds at least as many")
     if any(kind not in ("cache", "mix") for kind, _, _ in args.teachers):
         teachers.check_room(ds, p.cfg.K)
     counts = teachers.transition_counts(ds)
